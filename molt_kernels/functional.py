@@ -1,0 +1,185 @@
+"""Functional MOLT layer: the ops the modules are thin wrappers over.
+
+Every function accepts any number of leading dims on ``x`` ([..., d_in]), validates its inputs
+(clear errors naming the argument), resolves the backend and handles dtypes: bf16/fp16 inputs on
+the CPU are computed in fp32 and returned in the input dtype; parameters are cast to the compute
+dtype (differentiably, so gradients reach them in their own dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+from .config import ACTIVATIONS
+from .ops.gate_topk import gate_topk as _gate_topk
+from .ops.lowrank_mixture import lowrank_mixture as _lowrank_mixture
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for half inputs on the CPU (half matmuls are ~100x slower there), else x's dtype."""
+    if x.dtype in _HALF and x.device.type == "cpu":
+        return torch.float32
+    return x.dtype
+
+
+def _check_tensor(name: str, t: object, shape: tuple[int | None, ...], device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}: move them to one device")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def _check_x(x: object, d_in: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x must have shape [..., d_in={d_in}], got {list(x.shape)}")
+
+
+def _check_gate_args(
+    x: Tensor,
+    W_gate: Tensor,
+    b_gate: Tensor,
+    k: int | None,
+    activation: str,
+    log_threshold: Tensor | None,
+) -> int:
+    if not isinstance(W_gate, Tensor) or W_gate.dim() != 2:
+        raise ValueError("W_gate must be a 2-d tensor [T, d_in]")
+    n_transforms, d_in = W_gate.shape
+    _check_x(x, d_in)
+    _check_tensor("W_gate", W_gate, (n_transforms, d_in), x.device)
+    _check_tensor("b_gate", b_gate, (n_transforms,), x.device)
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
+        if not 1 <= k <= n_transforms:
+            raise ValueError(f"k must be in [1, T={n_transforms}] or None, got {k}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "jumprelu":
+        if log_threshold is None:
+            raise ValueError("activation 'jumprelu' needs log_threshold [T]")
+        _check_tensor("log_threshold", log_threshold, (n_transforms,), x.device)
+    return n_transforms
+
+
+def gate_topk(
+    x: Tensor,
+    W_gate: Tensor,
+    b_gate: Tensor,
+    k: int | None,
+    activation: str = "relu",
+    log_threshold: Tensor | None = None,
+    bandwidth: float = 1e-3,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gates and indices of the k largest act(x W_gate^T + b_gate) per token.
+
+    x [..., d_in]; W_gate [T, d_in]; b_gate [T]; log_threshold [T] (jumprelu only).
+    Returns gates [..., k] (fp32 for half inputs, else x's dtype) and indices [..., k] int64;
+    ties go to the lower transform id. ``k=None`` returns all T activations.
+    """
+    _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold)
+    backend = resolve_backend(backend, x.device)
+    lead = x.shape[:-1]
+    dtype = torch.float32 if x.dtype in _HALF else x.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    W, b = W_gate.to(dtype), b_gate.to(dtype)
+    gates, indices = _gate_topk(x2, W, b, k, activation, log_threshold, bandwidth, backend)
+    return gates.reshape(*lead, -1), indices.reshape(*lead, -1)
+
+
+def _check_decode_args(
+    x: Tensor, gates: Tensor, indices: Tensor, U: Sequence[Tensor], V: Sequence[Tensor], b_dec: Tensor
+) -> None:
+    if len(U) == 0 or len(U) != len(V):
+        raise ValueError(f"U and V must be equal-length non-empty sequences, got {len(U)}, {len(V)}")
+    for name, seq, layout in (("U", U, "[n_b, d_out, r_b]"), ("V", V, "[n_b, r_b, d_in]")):
+        for b, t in enumerate(seq):
+            if not isinstance(t, Tensor) or t.dim() != 3:
+                raise ValueError(f"{name}[{b}] must be a 3-d tensor {layout}")
+    d_in, d_out = V[0].shape[2], U[0].shape[1]
+    _check_x(x, d_in)
+    n_transforms = 0
+    for b, (u, v) in enumerate(zip(U, V)):
+        n, r = v.shape[0], v.shape[1]
+        _check_tensor(f"V[{b}]", v, (n, r, d_in), x.device)
+        _check_tensor(f"U[{b}]", u, (n, d_out, r), x.device)
+        n_transforms += n
+    _check_tensor("b_dec", b_dec, (d_out,), x.device)
+    _check_tensor("gates", gates, tuple(x.shape[:-1]) + (None,), x.device)
+    if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
+        raise TypeError(f"indices must be an int64 tensor, got {getattr(indices, 'dtype', indices)}")
+    if indices.shape != gates.shape or indices.device != x.device:
+        raise ValueError(
+            f"indices must match gates: shape {list(gates.shape)} on {x.device}, "
+            f"got {list(indices.shape)} on {indices.device}"
+        )
+    if indices.numel() == 0:
+        return
+    in_range = (indices.min() >= 0) & (indices.max() < n_transforms)
+    if indices.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"indices must lie in [0, T={n_transforms})")
+    else:
+        # A device-side assert: checking on the host would synchronise the hot path.
+        torch._assert_async(in_range, f"indices must lie in [0, T={n_transforms})")
+
+
+def lowrank_mixture(
+    x: Tensor,
+    gates: Tensor,
+    indices: Tensor,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    b_dec: Tensor,
+    backend: str | None = None,
+) -> Tensor:
+    """y [..., d_out] = sum over (t in indices, gate != 0) gate * U_t (V_t x) + b_dec.
+
+    x [..., d_in]; gates [..., k] float; indices [..., k] int64, distinct per token;
+    U[b] [n_b, d_out, r_b]; V[b] [n_b, r_b, d_in]; b_dec [d_out]. Returns x's dtype.
+    """
+    _check_decode_args(x, gates, indices, U, V, b_dec)
+    backend = resolve_backend(backend, x.device)
+    lead = x.shape[:-1]
+    dtype = compute_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    g2 = gates.reshape(x2.shape[0], -1).to(dtype)
+    i2 = indices.reshape(x2.shape[0], -1)
+    Us, Vs = [u.to(dtype) for u in U], [v.to(dtype) for v in V]
+    y = _lowrank_mixture(x2, g2, i2, Us, Vs, b_dec.to(dtype), backend)
+    return y.to(x.dtype).reshape(*lead, y.shape[-1])
+
+
+def molt(
+    x: Tensor,
+    W_gate: Tensor,
+    b_gate: Tensor,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    b_dec: Tensor,
+    k: int | None,
+    activation: str = "relu",
+    log_threshold: Tensor | None = None,
+    bandwidth: float = 1e-3,
+    backend: str | None = None,
+) -> Tensor:
+    """The whole MOLT layer: gate_topk then lowrank_mixture. x [..., d_in] -> y [..., d_out]."""
+    backend = resolve_backend(backend, x.device) if isinstance(x, Tensor) else backend
+    gates, indices = gate_topk(x, W_gate, b_gate, k, activation, log_threshold, bandwidth, backend)
+    return lowrank_mixture(x, gates, indices, U, V, b_dec, backend)

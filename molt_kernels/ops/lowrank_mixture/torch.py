@@ -1,0 +1,142 @@
+"""Sparse MOLT decode in plain PyTorch, over the block layout of ``ops.routing``.
+
+Per bucket, rows are gathered block by block (each block belongs to one transform) and multiplied
+with that transform's weights by a batched matmul, so work scales with the routed pairs, never with
+T or sum(r). Weights are gathered per block; blocks are processed in chunks so that the gathered
+weights stay under ``CHUNK_BYTES``. Scatter-adds run in row order on the CPU, so results are
+deterministic there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..routing import Routing
+
+CHUNK_BYTES = 64 << 20
+MIN_BLOCK_M, MAX_BLOCK_M = 8, 128
+
+
+def block_sizes(n_tokens: int, n_slots: int, bucket_sizes: Sequence[int]) -> tuple[int, ...]:
+    """BLOCK_M per bucket: about the expected pairs per transform, as a power of two.
+
+    Padding costs < BLOCK_M rows per active transform, so many transforms with few pairs each want
+    small blocks; larger blocks amortise the per-block weight gather.
+    """
+    n_transforms = sum(bucket_sizes)
+    expected = n_tokens * min(n_slots, n_transforms) / max(n_transforms, 1)
+    m = 1 << max(0, math.ceil(math.log2(max(expected, 1.0))))
+    return (min(MAX_BLOCK_M, max(MIN_BLOCK_M, m)),) * len(bucket_sizes)
+
+
+def _chunks(routing: Routing, bucket: int, used: int, width: int, elem: int) -> Iterator[slice]:
+    """Block ranges of one bucket such that a chunk's gathered weights fit in CHUNK_BYTES."""
+    per_block = max(1, width * elem)
+    step = max(1, CHUNK_BYTES // per_block)
+    b0 = routing.block_start[bucket]
+    for lo in range(b0, b0 + used, step):
+        yield slice(lo, min(lo + step, b0 + used))
+
+
+def _rows(routing: Routing, bucket: int, blocks: slice) -> slice:
+    m = routing.block_m[bucket]
+    b0 = routing.block_start[bucket]
+    r0 = routing.row_start[bucket]
+    return slice(r0 + (blocks.start - b0) * m, r0 + (blocks.stop - b0) * m)
+
+
+def _gathered(routing: Routing, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+    """(pair id clamped to >= 0, token id, valid mask) of the rows."""
+    pair = routing.pair_of_row[rows]
+    valid = pair >= 0
+    pair = pair.clamp(min=0)
+    return pair, pair // routing.n_slots, valid
+
+
+def forward(
+    x: Tensor,
+    gates: Tensor,
+    routing: Routing,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    b_dec: Tensor,
+) -> tuple[Tensor, list[Tensor]]:
+    """y [N, d_out] and the ungated rank-space activations h_pre[b] [used rows of b, r_b]."""
+    n_tokens = x.shape[0]
+    y = b_dec.expand(n_tokens, -1).clone()
+    gates_flat = gates.reshape(-1)
+    used_blocks = routing.blocks_used.tolist()
+    h_pre_all = []
+    for b, (u, v) in enumerate(zip(U, V)):
+        m, r = routing.block_m[b], v.shape[1]
+        h_parts = []
+        for blocks in _chunks(routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()):
+            rows = _rows(routing, b, blocks)
+            pair, tok, valid = _gathered(routing, rows)
+            t = routing.transform_of_block[blocks] - _first_transform(V, b)
+            xg = torch.where(valid[:, None], x[tok], 0).view(-1, m, x.shape[1])
+            h_pre = torch.bmm(xg, v[t].transpose(1, 2))
+            g = torch.where(valid, gates_flat[pair], 0).to(h_pre.dtype).view(-1, m, 1)
+            out = torch.bmm(h_pre * g, u[t].transpose(1, 2))
+            y.index_add_(0, tok, out.reshape(-1, out.shape[-1]))
+            h_parts.append(h_pre.reshape(-1, r))
+        h_pre_all.append(torch.cat(h_parts) if h_parts else x.new_zeros(0, r))
+    return y, h_pre_all
+
+
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    gates: Tensor,
+    routing: Routing,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    h_pre_all: Sequence[Tensor],
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, list[Tensor] | None, list[Tensor] | None]:
+    """Gradients (dx, dgates, dU, dV); ``needs`` flags which of them to compute.
+
+    dgate = rowsum(dY_rows @ U_t * h_pre) in rank space; dU_t = dY_rows^T (g h_pre);
+    dV_t = (g dY_rows U_t)^T X_rows; dx = (g dY_rows U_t) V_t.
+    """
+    need_x, need_g, need_u, need_v = needs
+    dx = torch.zeros_like(x) if need_x else None
+    dgates = torch.zeros(gates.numel(), dtype=grad_y.dtype, device=x.device) if need_g else None
+    dU = [torch.zeros_like(u) for u in U] if need_u else None
+    dV = [torch.zeros_like(v) for v in V] if need_v else None
+    gates_flat = gates.reshape(-1)
+    used_blocks = routing.blocks_used.tolist()
+    for b, (u, v) in enumerate(zip(U, V)):
+        m, r = routing.block_m[b], v.shape[1]
+        offset = 0
+        for blocks in _chunks(routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()):
+            rows = _rows(routing, b, blocks)
+            n_rows = rows.stop - rows.start
+            pair, tok, valid = _gathered(routing, rows)
+            t = routing.transform_of_block[blocks] - _first_transform(V, b)
+            h_pre = h_pre_all[b][offset : offset + n_rows].view(-1, m, r)
+            offset += n_rows
+            dy = torch.where(valid[:, None], grad_y[tok], 0).view(-1, m, grad_y.shape[1])
+            g = torch.where(valid, gates_flat[pair], 0).to(h_pre.dtype).view(-1, m, 1)
+            dh = torch.bmm(dy, u[t])
+            if need_g:
+                dgates.index_add_(0, pair, (dh * h_pre).sum(-1).reshape(-1))
+            if need_u:
+                dU[b].index_add_(0, t, torch.bmm(dy.transpose(1, 2), h_pre * g))
+            dh_pre = dh * g
+            if need_v:
+                xg = torch.where(valid[:, None], x[tok], 0).view(-1, m, x.shape[1])
+                dV[b].index_add_(0, t, torch.bmm(dh_pre.transpose(1, 2), xg))
+            if need_x:
+                dx.index_add_(0, tok, torch.bmm(dh_pre, v[t]).reshape(-1, x.shape[1]))
+    if need_g:
+        dgates = dgates.view(gates.shape)
+    return dx, dgates, dU, dV
+
+
+def _first_transform(V: Sequence[Tensor], bucket: int) -> int:
+    return sum(v.shape[0] for v in V[:bucket])

@@ -28,7 +28,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _check_tensor(name: str, t: object, shape: tuple[int | None, ...], device: torch.device) -> None:
+def _check_tensor(
+    name: str, t: object, shape: tuple[int | None, ...], device: torch.device
+) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -96,18 +98,28 @@ def gate_topk(
     _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold)
     backend = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
-    dtype = torch.float32 if x.dtype in _HALF else x.dtype
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    W, b = W_gate.to(dtype), b_gate.to(dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    W, b = W_gate, b_gate
+    if backend != "triton":
+        # Triton kernels read half inputs as they are and accumulate in fp32 themselves.
+        dtype = torch.float32 if x.dtype in _HALF else x.dtype
+        x2, W, b = x2.to(dtype), W.to(dtype), b.to(dtype)
     gates, indices = _gate_topk(x2, W, b, k, activation, log_threshold, bandwidth, backend)
     return gates.reshape(*lead, -1), indices.reshape(*lead, -1)
 
 
 def _check_decode_args(
-    x: Tensor, gates: Tensor, indices: Tensor, U: Sequence[Tensor], V: Sequence[Tensor], b_dec: Tensor
+    x: Tensor,
+    gates: Tensor,
+    indices: Tensor,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    b_dec: Tensor,
 ) -> None:
     if len(U) == 0 or len(U) != len(V):
-        raise ValueError(f"U and V must be equal-length non-empty sequences, got {len(U)}, {len(V)}")
+        raise ValueError(
+            f"U and V must be equal-length non-empty sequences, got {len(U)}, {len(V)}"
+        )
     for name, seq, layout in (("U", U, "[n_b, d_out, r_b]"), ("V", V, "[n_b, r_b, d_in]")):
         for b, t in enumerate(seq):
             if not isinstance(t, Tensor) or t.dim() != 3:
@@ -123,7 +135,9 @@ def _check_decode_args(
     _check_tensor("b_dec", b_dec, (d_out,), x.device)
     _check_tensor("gates", gates, tuple(x.shape[:-1]) + (None,), x.device)
     if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
-        raise TypeError(f"indices must be an int64 tensor, got {getattr(indices, 'dtype', indices)}")
+        raise TypeError(
+            f"indices must be an int64 tensor, got {getattr(indices, 'dtype', indices)}"
+        )
     if indices.shape != gates.shape or indices.device != x.device:
         raise ValueError(
             f"indices must match gates: shape {list(gates.shape)} on {x.device}, "
@@ -157,10 +171,17 @@ def lowrank_mixture(
     _check_decode_args(x, gates, indices, U, V, b_dec)
     backend = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
-    dtype = compute_dtype(x)
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-    g2 = gates.reshape(x2.shape[0], -1).to(dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = gates.reshape(x2.shape[0], -1)
     i2 = indices.reshape(x2.shape[0], -1)
+    if backend == "triton":
+        # Kernels take x and weights in x's dtype and keep the gates in fp32 (fp64 stays fp64).
+        dtype = x.dtype
+        g2 = g2.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    else:
+        dtype = compute_dtype(x)
+        g2 = g2.to(dtype)
+    x2 = x2.to(dtype)
     Us, Vs = [u.to(dtype) for u in U], [v.to(dtype) for v in V]
     y = _lowrank_mixture(x2, g2, i2, Us, Vs, b_dec.to(dtype), backend)
     return y.to(x.dtype).reshape(*lead, y.shape[-1])

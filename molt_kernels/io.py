@@ -15,7 +15,9 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def save_layer(path: str | Path, kind: str, config: dict[str, Any], module: torch.nn.Module) -> Path:
+def save_layer(
+    path: str | Path, kind: str, config: dict[str, Any], module: torch.nn.Module
+) -> Path:
     """Write ``cfg.json`` and ``model.safetensors`` for ``module`` into directory ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from .activation import apply_activation
 def topk_lowest_index(values: Tensor, k: int) -> Tensor:
     """Indices [N, k] of the k largest values per row, ties to the lower index, in order.
 
-    NaN counts as +inf so a row with NaN still yields k distinct indices (only that row is affected).
+    NaN counts as +inf, so a row with NaN still yields k distinct indices (only that row changes).
     """
     key = torch.nan_to_num(values, nan=float("inf"))
     kth = key.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values

@@ -74,7 +74,9 @@ def forward(
     for b, (u, v) in enumerate(zip(U, V)):
         m, r = routing.block_m[b], v.shape[1]
         h_parts = []
-        for blocks in _chunks(routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()):
+        for blocks in _chunks(
+            routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()
+        ):
             rows = _rows(routing, b, blocks)
             pair, tok, valid = _gathered(routing, rows)
             t = routing.transform_of_block[blocks] - _first_transform(V, b)
@@ -113,7 +115,9 @@ def backward(
     for b, (u, v) in enumerate(zip(U, V)):
         m, r = routing.block_m[b], v.shape[1]
         offset = 0
-        for blocks in _chunks(routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()):
+        for blocks in _chunks(
+            routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()
+        ):
             rows = _rows(routing, b, blocks)
             n_rows = rows.stop - rows.start
             pair, tok, valid = _gathered(routing, rows)

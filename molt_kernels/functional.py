@@ -105,7 +105,7 @@ def gate_topk(
         dtype = torch.float32 if x.dtype in _HALF else x.dtype
         x2, W, b = x2.to(dtype), W.to(dtype), b.to(dtype)
     gates, indices = _gate_topk(x2, W, b, k, activation, log_threshold, bandwidth, backend)
-    return gates.reshape(*lead, -1), indices.reshape(*lead, -1)
+    return gates.reshape(*lead, gates.shape[-1]), indices.reshape(*lead, indices.shape[-1])
 
 
 def _check_decode_args(
@@ -172,8 +172,8 @@ def lowrank_mixture(
     backend = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    g2 = gates.reshape(x2.shape[0], -1)
-    i2 = indices.reshape(x2.shape[0], -1)
+    g2 = gates.reshape(-1, gates.shape[-1])
+    i2 = indices.reshape(-1, indices.shape[-1])
     if backend == "triton":
         # Kernels take x and weights in x's dtype and keep the gates in fp32 (fp64 stays fp64).
         dtype = x.dtype

@@ -1,0 +1,36 @@
+"""`python -m molt_kernels <verify|bench|gpu-report|flops> [options]` (``--help`` on each)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "verify": ("molt_kernels.verify", "check every backend against the float64 reference"),
+    "bench": ("molt_kernels.bench", "time / FLOPs / memory tables against the reference"),
+    "gpu-report": ("molt_kernels.gpu_report", "compile every Triton kernel for sm_80/sm_90"),
+    "flops": ("molt_kernels.flops", "parameters and FLOPs of MOLTs and matched transcoders"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m molt_kernels <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

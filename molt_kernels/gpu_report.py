@@ -1,0 +1,381 @@
+"""Compile every Triton kernel of the package for real GPU targets, without a GPU, and check it.
+
+``python -m molt_kernels gpu-report --arch sm_80,sm_90`` builds each (kernel, launch config) for
+each target with ``triton.compile`` (PTX and cubin need no device), reads the resource usage
+with the ``cuobjdump`` that ships inside the triton wheel and the spill counts from ptxas' log, and
+prints one row per (kernel, config, arch). It exits non-zero when any kernel fails to compile,
+spills to local memory, or needs more shared memory than the target allows per block.
+
+Registry
+--------
+Each kernel module ``molt_kernels/ops/<op>/triton.py`` exposes ``gpu_report_builds()``, returning
+one :class:`KernelBuild` per (kernel, config) its launch code can use::
+
+    from molt_kernels.gpu_report import KernelBuild
+
+    def gpu_report_builds() -> list[KernelBuild]:
+        return [
+            KernelBuild(
+                name="gate_topk_fwd",
+                config=f"BLOCK_N={bn},BLOCK_T=128,w4s3",
+                fn=_gate_topk_fwd_kernel,  # the bare @triton.jit function, not an autotuner
+                signature={"x": "*bf16", "w": "*bf16", "out": "*i64", "M": "i32",
+                           "stride_x": "i32:16", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr"},
+                constexprs={"BLOCK_N": bn, "BLOCK_T": 128},
+                num_warps=4,
+                num_stages=3,
+            )
+            for bn in (32, 64)
+        ]
+
+``signature`` names every parameter of ``fn``. At launch the JIT specialises arguments that are
+multiples of 16 (pointers to torch allocations, most strides), and vectorised loads, cp.async and
+hence pipelined shared memory depend on it, so the report must see the same hints: pointers are
+compiled as 16-byte aligned, and an integer type takes the suffix ``:16`` ("i32:16", the notation
+of Triton's AOT compiler) where the launch code guarantees a multiple of 16. Without it a strided
+tile compiles unpipelined and its shared memory is under-reported.
+
+:func:`collect_builds` imports every ``molt_kernels.ops.<op>.triton`` that exists; an import error
+there fails the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import triton
+
+# Opt-in maximum of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), which is
+# what Triton's launcher compares ``metadata.shared`` against.
+SHARED_MEM_LIMITS: dict[str, int] = {
+    "sm_80": 163 * 1024,
+    "sm_86": 99 * 1024,
+    "sm_89": 99 * 1024,
+    "sm_90": 227 * 1024,
+}
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One (kernel, launch config) that the package's launch code can use."""
+
+    name: str                      # kernel name, e.g. "gate_topk_fwd"
+    config: str                    # human label of the launch config, e.g. "BLOCK_N=64,w4s3"
+    fn: triton.JITFunction
+    signature: dict[str, str]      # every parameter of fn -> triton type ("*bf16", "i32:16", ...)
+    constexprs: dict[str, object]  # values of the constexpr parameters
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """Resource usage of one build on one target; ``None`` where it is unknown."""
+
+    kernel: str
+    config: str
+    arch: str                           # "sm_90"
+    num_warps: int
+    num_stages: int
+    registers: int | None = None        # per thread
+    shared: int | None = None           # bytes, dynamic: what Triton launches with
+    static_shared: int | None = None    # bytes, static in the cubin (ptxas' 1 KiB on sm_90)
+    stack: int | None = None            # bytes per thread of stack frame (where spills go)
+    local: int | None = None            # bytes per thread of local memory
+    spill_stores: int | None = None     # bytes, from ptxas' log
+    spill_loads: int | None = None
+    wgmma: bool | None = None           # wgmma in the PTX (Hopper's async MMA; sm_90 only)
+    error: str | None = None            # compile failure, first line
+
+
+def check_limits(row: ReportRow) -> list[str]:
+    """Problems with ``row``: compile failure, any local memory or spill, shared memory too big.
+
+    The shared memory rule is Triton's launch check: dynamic ``shared`` against the opt-in maximum.
+    """
+    if row.error is not None:
+        return [f"compile failed: {row.error}"]
+    problems = []
+    spill = {
+        "stack": row.stack,
+        "local": row.local,
+        "stores": row.spill_stores,
+        "loads": row.spill_loads,
+    }
+    if any(spill.values()):
+        problems.append("spill: " + ", ".join(f"{k}={v}" for k, v in spill.items() if v))
+    limit = SHARED_MEM_LIMITS[row.arch]
+    if row.shared is not None and row.shared > limit:
+        problems.append(f"shared memory {row.shared} B > {row.arch} limit {limit} B")
+    return problems
+
+
+def render_table(rows: Sequence[ReportRow]) -> str:
+    """Format rows as an aligned text table with a status column."""
+
+    def num(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    header = ["kernel", "config", "arch", "regs", "smem", "static", "stack", "local",
+              "spill st/ld", "wgmma", "status"]
+    body = []
+    for row in rows:
+        if row.spill_stores is None or row.spill_loads is None:
+            spills = "-"
+        else:
+            spills = f"{row.spill_stores}/{row.spill_loads}"
+        wgmma = "-" if row.wgmma is None else ("yes" if row.wgmma else "no")
+        problems = check_limits(row)
+        status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+        body.append([row.kernel, row.config, row.arch, num(row.registers), num(row.shared),
+                     num(row.static_shared), num(row.stack), num(row.local), spills, wgmma,
+                     status])
+    lines = [header, *body]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    lines.insert(1, ["-" * w for w in widths])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def collect_builds() -> list[KernelBuild]:
+    """Every build from ``gpu_report_builds()`` of each ``molt_kernels.ops.<op>.triton``."""
+    import molt_kernels.ops as ops
+
+    # A folder scan rather than pkgutil.iter_modules, which skips op folders without __init__.py.
+    op_names = sorted({
+        entry.name
+        for folder in ops.__path__
+        for entry in Path(folder).iterdir()
+        if entry.is_dir() and entry.name.isidentifier() and not entry.name.startswith("__")
+    })
+    builds: list[KernelBuild] = []
+    for op in op_names:
+        module_name = f"{ops.__name__}.{op}.triton"
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        if not hasattr(module, "gpu_report_builds"):
+            raise AttributeError(f"{module_name} defines no gpu_report_builds()")
+        builds.extend(module.gpu_report_builds())
+    return builds
+
+
+def compile_builds(
+    builds: Sequence[KernelBuild], archs: Sequence[str], jobs: int | None = None
+) -> list[ReportRow]:
+    """Compile every build for every arch, ``jobs`` at a time; rows in build, then arch order."""
+    tasks = [(i, arch) for i in range(len(builds)) for arch in archs]
+    jobs = min(jobs or os.cpu_count() or 1, len(tasks))
+    if jobs <= 1:
+        return [compile_build(builds[i], arch) for i, arch in tasks]
+    # fork hands the builds to the workers without pickling the JITFunctions.
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(builds,)) as pool:
+        futures = [pool.submit(_compile_task, i, arch) for i, arch in tasks]
+        rows = []
+        for (i, arch), future in zip(tasks, futures, strict=True):
+            try:
+                rows.append(future.result())
+            except Exception as exc:  # a worker that died (e.g. LLVM crash) fails its rows
+                rows.append(replace(_empty_row(builds[i], arch), error=_summarize(exc)))
+        return rows
+
+
+def compile_build(build: KernelBuild, arch: str) -> ReportRow:
+    """Compile one build for one arch ("sm_90") and measure it; failures land in ``error``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = _empty_row(build, arch)
+    capability = int(arch.removeprefix("sm_"))
+    log = io.StringIO()
+    try:
+        signature, attrs = _triton_signature(build)
+        src = ASTSource(fn=build.fn, signature=signature, constexprs=build.constexprs, attrs=attrs)
+        with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope():
+            # A cache hit skips ptxas, and ptxas' log is the only source of the spill counts.
+            triton.knobs.compilation.always_compile = True
+            triton.knobs.nvidia.dump_ptxas_log = True
+            with contextlib.redirect_stdout(log):
+                kernel = triton.compile(
+                    src,
+                    target=GPUTarget("cuda", capability, 32),
+                    options={"num_warps": build.num_warps, "num_stages": build.num_stages},
+                )
+        usage = _res_usage(kernel.asm["cubin"], kernel.metadata.name)
+    except Exception as exc:
+        return replace(row, error=_summarize(exc))
+    spills = _ptxas_spills(log.getvalue())
+    return replace(
+        row,
+        registers=usage.get("REG"),
+        shared=kernel.metadata.shared,
+        static_shared=usage.get("SHARED"),
+        stack=usage.get("STACK"),
+        local=usage.get("LOCAL"),
+        spill_stores=spills[0] if spills else None,
+        spill_loads=spills[1] if spills else None,
+        wgmma="wgmma" in kernel.asm["ptx"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: compile, print the table, return 1 on any problem (2 without triton)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m molt_kernels gpu-report",
+        description="Compile every Triton kernel for real GPU targets (no GPU needed) and check "
+        "registers, shared memory and spills.",
+    )
+    parser.add_argument("--arch", default="sm_80,sm_90",
+                        help=f"comma list of targets among {', '.join(SHARED_MEM_LIMITS)}")
+    parser.add_argument("--kernel", metavar="SUBSTRING", help="only kernels whose name has this")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the rows here")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="parallel compiles (default: number of CPUs)")
+    args = parser.parse_args(argv)
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in SHARED_MEM_LIMITS]
+    if unknown or not archs:
+        parser.error(f"--arch: unknown target(s) {unknown}; known: {', '.join(SHARED_MEM_LIMITS)}")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        print(f"gpu-report needs triton, which cannot be imported: {exc}", file=sys.stderr)
+        return 2
+
+    builds = [b for b in collect_builds() if args.kernel is None or args.kernel in b.name]
+    if not builds:
+        what = f"matching {args.kernel!r}" if args.kernel else "registered"
+        print(f"gpu-report: no kernel builds {what}; nothing was checked", file=sys.stderr)
+        return 1
+
+    rows = compile_builds(builds, archs, args.jobs)
+    print(render_table(rows))
+    failed = [row for row in rows if check_limits(row)]
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps([asdict(row) | {"problems": check_limits(row)} for row in rows], indent=2)
+        )
+    print(f"\n{len(rows)} builds checked, {len(failed)} with problems")
+    return 1 if failed else 0
+
+
+_worker_builds: Sequence[KernelBuild] = ()
+
+
+def _init_worker(builds: Sequence[KernelBuild]) -> None:
+    global _worker_builds
+    _worker_builds = builds
+    # Triton warns once per process about its FP-fusion default; one per worker drowns the table.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+
+def _compile_task(index: int, arch: str) -> ReportRow:
+    return compile_build(_worker_builds[index], arch)
+
+
+def _empty_row(build: KernelBuild, arch: str) -> ReportRow:
+    return ReportRow(kernel=build.name, config=build.config, arch=arch,
+                     num_warps=build.num_warps, num_stages=build.num_stages)
+
+
+def _triton_signature(
+    build: KernelBuild,
+) -> tuple[dict[str, str], dict[tuple[int, ...], list[list[object]]]]:
+    """Signature in parameter order without ``:16`` hints, and the divisibility attrs.
+
+    Also rejects registry entries that triton.compile would silently build wrong.
+    """
+    from triton.runtime import JITFunction
+
+    fn = build.fn
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"fn must be a bare @triton.jit function, got {type(fn).__name__} "
+                        "(for an autotuned kernel pass its .fn)")
+    params = set(fn.arg_names)
+    missing = [p for p in fn.arg_names if p not in build.signature]
+    extra = [p for p in build.signature if p not in params]
+    if missing or extra:
+        raise ValueError(f"signature does not match {fn.__name__}: missing {missing}, "
+                         f"unknown {extra}")
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    typed = {name for name, t in build.signature.items() if t == "constexpr"}
+    if declared - typed:
+        raise ValueError(f"tl.constexpr parameters typed otherwise: {sorted(declared - typed)}")
+    if typed != set(build.constexprs):
+        raise ValueError(f"constexprs {sorted(build.constexprs)} must give exactly the constexpr "
+                         f"parameters {sorted(typed)}")
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[object]]] = {}
+    for i, name in enumerate(fn.arg_names):
+        base, _, hint = build.signature[name].partition(":")
+        if hint not in ("", "16") or (hint and (base.startswith("*") or base == "constexpr")):
+            raise ValueError(f"{name}: {build.signature[name]!r}; only integer types take ':16'")
+        signature[name] = base
+        if base.startswith("*") or hint:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _summarize(exc: BaseException) -> str:
+    """Type and first line of an error; a CompilationError puts its message last, after source."""
+    message = getattr(exc, "error_message", None) or str(exc)
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _res_usage(cubin: bytes, function: str) -> dict[str, int]:
+    """REG/STACK/SHARED/LOCAL/... of ``function`` from ``cuobjdump -res-usage``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], check=True,
+                             capture_output=True, text=True).stdout
+    # "Function NAME:" then one line of "KEY:VALUE" pairs ("CONSTANT[0]:432" included).
+    functions = {
+        m.group(1): {k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", m.group(2))}
+        for m in re.finditer(r"^\s*Function\s+(\S+):[ \t]*\n(.*)$", out, re.MULTILINE)
+    }
+    if function in functions:
+        return functions[function]
+    if len(functions) == 1:
+        return next(iter(functions.values()))
+    raise RuntimeError(f"cuobjdump -res-usage lists no function {function!r}: {sorted(functions)}")
+
+
+def _ptxas_spills(log: str) -> tuple[int, int] | None:
+    """(spill store bytes, spill load bytes) from ptxas -v output, None if it has none."""
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not found:
+        return None
+    return sum(int(s) for s, _ in found), sum(int(ld) for _, ld in found)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install molt_kernels (editable) and its test tools into the current Python.
+# A torch that is already installed is kept. Without one, torch 2.13.0 is pinned first: on the
+# project's CPU machines it resolves to a local CPU wheel in seconds, whereas an unpinned torch
+# would pull several GB of CUDA packages. On a GPU machine, install the torch you want first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[test]"

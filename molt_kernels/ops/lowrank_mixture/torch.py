@@ -49,12 +49,16 @@ def _rows(routing: Routing, bucket: int, blocks: slice) -> slice:
     return slice(r0 + (blocks.start - b0) * m, r0 + (blocks.stop - b0) * m)
 
 
-def _gathered(routing: Routing, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
-    """(pair id clamped to >= 0, token id, valid mask) of the rows."""
+def _with_sink(t: Tensor) -> Tensor:
+    """``t`` with one zero row appended: padding rows gather zeros from it and scatter into it."""
+    return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+
+
+def _row_ids(routing: Routing, rows: slice, n_pairs: int) -> tuple[Tensor, Tensor]:
+    """(pair id, token id) of the rows; padding rows point at the sink entries n_pairs and N."""
     pair = routing.pair_of_row[rows]
-    valid = pair >= 0
-    pair = pair.clamp(min=0)
-    return pair, pair // routing.n_slots, valid
+    pair = torch.where(pair >= 0, pair, n_pairs)
+    return pair, pair // routing.n_slots
 
 
 def forward(
@@ -66,10 +70,11 @@ def forward(
     b_dec: Tensor,
 ) -> tuple[Tensor, list[Tensor]]:
     """y [N, d_out] and the ungated rank-space activations h_pre[b] [used rows of b, r_b]."""
-    n_tokens = x.shape[0]
-    y = b_dec.expand(n_tokens, -1).clone()
-    gates_flat = gates.reshape(-1)
+    n_tokens, n_pairs = x.shape[0], gates.numel()
+    x_ext, gates_ext = _with_sink(x), _with_sink(gates.reshape(-1, 1)).view(-1)
+    y_ext = _with_sink(b_dec.expand(n_tokens, -1))
     used_blocks = routing.blocks_used.tolist()
+    first_t = _first_transforms(V)
     h_pre_all = []
     for b, (u, v) in enumerate(zip(U, V)):
         m, r = routing.block_m[b], v.shape[1]
@@ -77,17 +82,15 @@ def forward(
         for blocks in _chunks(
             routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()
         ):
-            rows = _rows(routing, b, blocks)
-            pair, tok, valid = _gathered(routing, rows)
-            t = routing.transform_of_block[blocks] - _first_transform(V, b)
-            xg = torch.where(valid[:, None], x[tok], 0).view(-1, m, x.shape[1])
-            h_pre = torch.bmm(xg, v[t].transpose(1, 2))
-            g = torch.where(valid, gates_flat[pair], 0).to(h_pre.dtype).view(-1, m, 1)
+            pair, tok = _row_ids(routing, _rows(routing, b, blocks), n_pairs)
+            t = routing.transform_of_block[blocks] - first_t[b]
+            h_pre = torch.bmm(x_ext[tok].view(-1, m, x.shape[1]), v[t].transpose(1, 2))
+            g = gates_ext[pair].to(h_pre.dtype).view(-1, m, 1)
             out = torch.bmm(h_pre * g, u[t].transpose(1, 2))
-            y.index_add_(0, tok, out.reshape(-1, out.shape[-1]))
+            y_ext.index_add_(0, tok, out.reshape(-1, out.shape[-1]))
             h_parts.append(h_pre.reshape(-1, r))
         h_pre_all.append(torch.cat(h_parts) if h_parts else x.new_zeros(0, r))
-    return y, h_pre_all
+    return y_ext[:n_tokens], h_pre_all
 
 
 def backward(
@@ -106,41 +109,47 @@ def backward(
     dV_t = (g dY_rows U_t)^T X_rows; dx = (g dY_rows U_t) V_t.
     """
     need_x, need_g, need_u, need_v = needs
-    dx = torch.zeros_like(x) if need_x else None
-    dgates = torch.zeros(gates.numel(), dtype=grad_y.dtype, device=x.device) if need_g else None
+    n_tokens, n_pairs = x.shape[0], gates.numel()
+    x_ext, dy_ext = _with_sink(x), _with_sink(grad_y)
+    gates_ext = _with_sink(gates.reshape(-1, 1)).view(-1)
+    dx_ext = torch.zeros_like(x_ext) if need_x else None
+    dgates_ext = torch.zeros_like(gates_ext, dtype=grad_y.dtype) if need_g else None
     dU = [torch.zeros_like(u) for u in U] if need_u else None
     dV = [torch.zeros_like(v) for v in V] if need_v else None
-    gates_flat = gates.reshape(-1)
     used_blocks = routing.blocks_used.tolist()
+    first_t = _first_transforms(V)
     for b, (u, v) in enumerate(zip(U, V)):
         m, r = routing.block_m[b], v.shape[1]
         offset = 0
         for blocks in _chunks(
             routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()
         ):
-            rows = _rows(routing, b, blocks)
-            n_rows = rows.stop - rows.start
-            pair, tok, valid = _gathered(routing, rows)
-            t = routing.transform_of_block[blocks] - _first_transform(V, b)
-            h_pre = h_pre_all[b][offset : offset + n_rows].view(-1, m, r)
-            offset += n_rows
-            dy = torch.where(valid[:, None], grad_y[tok], 0).view(-1, m, grad_y.shape[1])
-            g = torch.where(valid, gates_flat[pair], 0).to(h_pre.dtype).view(-1, m, 1)
+            pair, tok = _row_ids(routing, _rows(routing, b, blocks), n_pairs)
+            t = routing.transform_of_block[blocks] - first_t[b]
+            h_pre = h_pre_all[b][offset : offset + pair.numel()].view(-1, m, r)
+            offset += pair.numel()
+            dy = dy_ext[tok].view(-1, m, grad_y.shape[1])
+            g = gates_ext[pair].to(h_pre.dtype).view(-1, m, 1)
             dh = torch.bmm(dy, u[t])
             if need_g:
-                dgates.index_add_(0, pair, (dh * h_pre).sum(-1).reshape(-1))
+                dgates_ext.index_add_(0, pair, (dh * h_pre).sum(-1).reshape(-1))
             if need_u:
                 dU[b].index_add_(0, t, torch.bmm(dy.transpose(1, 2), h_pre * g))
             dh_pre = dh * g
             if need_v:
-                xg = torch.where(valid[:, None], x[tok], 0).view(-1, m, x.shape[1])
+                xg = x_ext[tok].view(-1, m, x.shape[1])
                 dV[b].index_add_(0, t, torch.bmm(dh_pre.transpose(1, 2), xg))
             if need_x:
-                dx.index_add_(0, tok, torch.bmm(dh_pre, v[t]).reshape(-1, x.shape[1]))
-    if need_g:
-        dgates = dgates.view(gates.shape)
+                dx_ext.index_add_(0, tok, torch.bmm(dh_pre, v[t]).reshape(-1, x.shape[1]))
+    dx = dx_ext[:n_tokens] if need_x else None
+    dgates = dgates_ext[:n_pairs].view(gates.shape) if need_g else None
     return dx, dgates, dU, dV
 
 
-def _first_transform(V: Sequence[Tensor], bucket: int) -> int:
-    return sum(v.shape[0] for v in V[:bucket])
+def _first_transforms(V: Sequence[Tensor]) -> list[int]:
+    """Global id of each bucket's first transform."""
+    firsts, total = [], 0
+    for v in V:
+        firsts.append(total)
+        total += v.shape[0]
+    return firsts

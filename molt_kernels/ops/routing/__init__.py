@@ -57,8 +57,14 @@ def route_pairs(
     """Group the kept pairs of ``indices`` [N, k] (int64 transform ids) by transform.
 
     ``keep`` [N, k] bool marks the pairs to route (the others, e.g. zero gates, are dropped).
-    No host synchronisation on any device.
+    No host synchronisation on any device. On CUDA tensors the csrc/ kernels run when they can be
+    built (see ``cuda.py``), else the PyTorch implementation.
     """
+    if indices.is_cuda:
+        from .cuda import load_extension, route_pairs_cuda
+
+        if load_extension() is not None:
+            return route_pairs_cuda(indices, keep, bucket_sizes, block_m)
     from .torch import route_pairs_torch
 
     return route_pairs_torch(indices, keep, bucket_sizes, block_m)

@@ -1,0 +1,124 @@
+"""Routing with the CUDA kernels of csrc/routing.cu, built on first use.
+
+The extension is compiled with torch.utils.cpp_extension.load the first time it is asked for (then
+cached by torch's build directory) and registers ``torch.ops.molt_kernels.route_pairs_cuda``. It
+needs a CUDA build of torch, a CUDA device, nvcc and the csrc/ sources of a repository checkout;
+without any of them :func:`load_extension` returns None and callers use ``route_pairs_torch``,
+whose output is bit-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import Routing, block_capacity
+
+log = logging.getLogger(__name__)
+
+# molt_kernels/ops/routing/cuda.py -> the repository root, which holds csrc/ beside molt_kernels/.
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
+SOURCES = ("routing.cu", "routing_torch.cpp")
+EXTENSION_NAME = "molt_kernels_routing"
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be built here, or None if it can be tried."""
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "no CUDA toolkit (nvcc) found"
+    missing = [name for name in SOURCES if not (CSRC / name).is_file()]
+    if missing:
+        return f"sources {missing} not found under {CSRC} (not a repository checkout)"
+    return None
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """``torch.ops.molt_kernels`` with ``route_pairs_cuda`` built and loaded, or None.
+
+    None (the reason logged at debug level, or as a warning when a build fails) means: use
+    ``route_pairs_torch``. Cached: the build is attempted once per process.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        log.debug("CUDA routing extension unavailable: %s", reason)
+        return None
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(
+            name=EXTENSION_NAME,
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_include_paths=[str(CSRC)],
+            extra_cuda_cflags=["-O3"],
+            is_python_module=False,
+        )
+    except Exception as exc:  # any build failure means: fall back to the PyTorch routing
+        log.warning("building the CUDA routing extension failed, using PyTorch routing: %s", exc)
+        return None
+    torch.library.register_fake("molt_kernels::route_pairs_cuda")(_route_pairs_fake)
+    return torch.ops.molt_kernels
+
+
+def _regions(
+    n_tokens: int, n_slots: int, bucket_sizes: tuple[int, ...], block_m: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``Routing.block_start`` and ``Routing.row_start``: bucket regions, from shapes alone."""
+    block_start, row_start = [0], [0]
+    for n, m in zip(bucket_sizes, block_m):
+        cap = block_capacity(n_tokens, n_slots, n, m)
+        block_start.append(block_start[-1] + cap)
+        row_start.append(row_start[-1] + cap * m)
+    return tuple(block_start), tuple(row_start)
+
+
+def _route_pairs_fake(
+    indices: Tensor, keep: Tensor, bucket_sizes: list[int], block_m: list[int]
+) -> tuple[Tensor, ...]:
+    """Output shapes for torch.compile: every size follows from the input shapes."""
+    n_tokens, n_slots = indices.shape
+    block_start, row_start = _regions(n_tokens, n_slots, tuple(bucket_sizes), tuple(block_m))
+    new = indices.new_empty
+    return (
+        new(row_start[-1]),
+        new(n_tokens * n_slots),
+        new(block_start[-1]),
+        new(len(bucket_sizes)),
+        new(sum(bucket_sizes)),
+    )
+
+
+def route_pairs_cuda(
+    indices: Tensor, keep: Tensor, bucket_sizes: tuple[int, ...], block_m: tuple[int, ...]
+) -> Routing:
+    """``route_pairs`` on CUDA tensors with the csrc/ kernels; requires :func:`load_extension`."""
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError("the CUDA routing extension is unavailable; use route_pairs_torch")
+    pair_of_row, row_of_pair, transform_of_block, blocks_used, pair_counts = ext.route_pairs_cuda(
+        indices, keep, list(bucket_sizes), list(block_m)
+    )
+    n_tokens, n_slots = indices.shape
+    block_start, row_start = _regions(n_tokens, n_slots, tuple(bucket_sizes), tuple(block_m))
+    return Routing(
+        pair_of_row=pair_of_row,
+        row_of_pair=row_of_pair,
+        transform_of_block=transform_of_block,
+        blocks_used=blocks_used,
+        pair_counts=pair_counts,
+        n_slots=n_slots,
+        block_m=tuple(block_m),
+        block_start=block_start,
+        row_start=row_start,
+    )

@@ -1,0 +1,80 @@
+"""The trainer on real MiniLM MLP activations, including the dead-gate collapse and its guard."""
+
+import pytest
+import torch
+
+from molt_kernels import MOLT, MOLTConfig
+from molt_kernels.train import TrainConfig, train
+
+pytest.importorskip("tokenizers", reason="the MiniLM tokenizer needs the tokenizers package")
+minilm = pytest.importorskip("molt_kernels.models.minilm")
+
+
+@pytest.fixture(scope="module")
+def activations():
+    """8192 (mlp_in, mlp_out) pairs of MiniLM layer 3 over the offline text source."""
+    from molt_kernels.capture import capture_mlp_activations
+    from molt_kernels.data import iter_texts
+
+    try:
+        model = minilm.load_minilm()
+    except ImportError as e:
+        pytest.skip(f"MiniLM weights not installed: {e}")
+    pairs = capture_mlp_activations(
+        model, minilm.minilm_mlp_path(3), iter_texts(), max_tokens=8192, progress=False
+    )
+    x, y = (torch.cat(t) for t in zip(*pairs))
+    assert x.shape == y.shape == (8192, 384)
+    return x, y
+
+
+def fit(x, y, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = MOLT(MOLTConfig.paper(384, 1, None, init_l0=8))
+    settings = dict(steps=80, batch_size=256, log_every=20, dead_window_tokens=2048,
+                    progress=False)
+    return layer, train(layer, x, y, TrainConfig(**{**settings, **kwargs}))
+
+
+def test_trainer_reduces_the_loss_on_real_activations(activations, tmp_path):
+    x, y = activations
+    layer, log = fit(x, y, checkpoint_every=40, checkpoint_dir=str(tmp_path))
+    assert log.fvu[-1] < 0.75 * log.fvu[0]
+    assert log.fvu[-1] < 0.7
+    assert 2 < log.l0[-1] < 12
+    assert log.dead_fraction[-1] == 0.0
+    # Checkpoints are loadable layers equal to the trained one at the end.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_40", "step_80"]
+    loaded = MOLT.from_pretrained(tmp_path / "step_80")
+    assert torch.equal(loaded(x[:64]), layer(x[:64]))
+
+
+def test_dead_gate_collapse_happens_unguarded_and_not_with_the_guard(activations):
+    # Small-norm inputs (as some models' MLP inputs are) close every gate of an init tuned for
+    # unit-variance inputs: relu gates then get no gradient and stay dead.
+    x, y = activations
+    small = 0.05 * x
+    _, unguarded = fit(small, y, init_from_data=False, sparsity_warmup_steps=1, revive_every=None)
+    assert unguarded.l0[-1] == 0.0 and unguarded.dead_fraction[-1] == 1.0
+    assert unguarded.fvu[-1] > 0.95
+    _, guarded = fit(small, y)
+    assert guarded.l0[-1] > 2 and guarded.dead_fraction[-1] == 0.0
+    assert guarded.fvu[-1] < 0.7
+
+
+def test_reopening_revives_dead_gates(activations):
+    x, y = activations
+    _, log = fit(0.05 * x, y, init_from_data=False, revive_every=20)
+    assert log.dead_fraction[0] == 1.0  # dead before the first reopening at step 20
+    assert max(log.dead_fraction[1:]) < 0.25
+    assert max(log.l0[1:]) > 0
+
+
+def test_bad_train_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="sparsity_form"):
+        TrainConfig(sparsity_form="l0")
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        TrainConfig(checkpoint_every=10)
+    layer = MOLT(MOLTConfig(d_in=4, rank_counts={2: 3}, k=2))
+    with pytest.raises(ValueError, match="batch_size"):
+        train(layer, torch.randn(10, 4), torch.randn(10, 4), TrainConfig(batch_size=64))

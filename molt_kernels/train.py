@@ -222,4 +222,5 @@ def train(
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="train", leave=False)
+    # disable=None: tqdm shows the bar on a terminal only, so logs stay readable.
+    return tqdm(total=total, disable=None if enabled else True, desc="train", leave=False)

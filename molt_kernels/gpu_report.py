@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -184,13 +184,15 @@ def compile_builds(
 ) -> list[ReportRow]:
     """Compile every build for every arch, ``jobs`` at a time; rows in build, then arch order."""
     tasks = [(i, arch) for i in range(len(builds)) for arch in archs]
-    jobs = min(jobs or os.cpu_count() or 1, len(tasks))
-    if jobs <= 1:
-        return [compile_build(builds[i], arch) for i, arch in tasks]
-    # fork hands the builds to the workers without pickling the JITFunctions.
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(builds,)) as pool:
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
+    refs = [_build_ref(build) for build in builds]
+    # Fresh (spawned) workers without TRITON_INTERPRET: once triton is imported under the
+    # interpreter (as the kernel tests do), its library functions are bound to it for the life of
+    # the process and real compilation fails there.
+    ctx = multiprocessing.get_context("spawn")
+    with _interpreter_unset(), ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_init_worker, initargs=(refs,)
+    ) as pool:
         futures = [pool.submit(_compile_task, i, arch) for i, arch in tasks]
         rows = []
         for (i, arch), future in zip(tasks, futures, strict=True):
@@ -201,7 +203,32 @@ def compile_builds(
         return rows
 
 
-def compile_build(build: KernelBuild, arch: str) -> ReportRow:
+@contextlib.contextmanager
+def _interpreter_unset() -> Iterator[None]:
+    """TRITON_INTERPRET removed from the environment that workers inherit, then restored."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _build_ref(build: KernelBuild) -> tuple[str, str, KernelBuild]:
+    """A picklable stand-in: where the kernel lives, and the build without its JITFunction."""
+    fn = build.fn.fn
+    return fn.__module__, fn.__qualname__, replace(build, fn=None)
+
+
+def _resolve(ref: tuple[str, str, KernelBuild]) -> KernelBuild:
+    module, qualname, build = ref
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return replace(build, fn=obj)
+
+
+def _compile_build(build: KernelBuild, arch: str) -> ReportRow:
     """Compile one build for one arch ("sm_90") and measure it; failures land in ``error``."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -287,15 +314,15 @@ def main(argv: list[str] | None = None) -> int:
 _worker_builds: Sequence[KernelBuild] = ()
 
 
-def _init_worker(builds: Sequence[KernelBuild]) -> None:
+def _init_worker(refs: Sequence[tuple[str, str, KernelBuild]]) -> None:
     global _worker_builds
-    _worker_builds = builds
+    _worker_builds = [_resolve(ref) for ref in refs]
     # Triton warns once per process about its FP-fusion default; one per worker drowns the table.
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
 def _compile_task(index: int, arch: str) -> ReportRow:
-    return compile_build(_worker_builds[index], arch)
+    return _compile_build(_worker_builds[index], arch)
 
 
 def _empty_row(build: KernelBuild, arch: str) -> ReportRow:

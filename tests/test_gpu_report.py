@@ -11,7 +11,6 @@ from molt_kernels.gpu_report import (
     KernelBuild,
     ReportRow,
     check_limits,
-    compile_build,
     compile_builds,
     render_table,
 )
@@ -95,7 +94,7 @@ def test_wgmma_only_on_sm90(matmul_rows: dict[str, ReportRow]) -> None:
 
 
 def test_spill_is_flagged() -> None:
-    row = compile_build(SPILL, "sm_90")
+    row = compile_builds([SPILL], ["sm_90"], jobs=1)[0]
     assert row.error is None
     assert row.spill_stores and row.stack
     problems = check_limits(row)
@@ -125,7 +124,7 @@ def test_local_memory_is_a_spill() -> None:
 def test_compile_error_is_a_failure() -> None:
     bad = KernelBuild(name="bad", config="BLOCK=3", fn=SPILL.fn, signature=SPILL.signature,
                       constexprs={"BLOCK": 3})
-    row = compile_build(bad, "sm_80")
+    row = compile_builds([bad], ["sm_80"], jobs=1)[0]
     assert row.error is not None and "power of 2" in row.error
     assert check_limits(row) == [f"compile failed: {row.error}"]
 
@@ -133,11 +132,11 @@ def test_compile_error_is_a_failure() -> None:
 def test_signature_must_name_every_parameter() -> None:
     partial = KernelBuild(name="partial", config="", fn=SPILL.fn,
                           signature={"x": "*fp32", "BLOCK": "constexpr"}, constexprs={"BLOCK": 64})
-    row = compile_build(partial, "sm_80")
+    row = compile_builds([partial], ["sm_80"], jobs=1)[0]
     assert row.error is not None and "missing ['y', 'n']" in row.error
     hinted = KernelBuild(name="hinted", config="", fn=SPILL.fn,
                          signature=SPILL.signature | {"x": "*fp32:8"}, constexprs={"BLOCK": 64})
-    assert "only integer types take ':16'" in compile_build(hinted, "sm_80").error
+    assert "only integer types take ':16'" in compile_builds([hinted], ["sm_80"], jobs=1)[0].error
 
 
 def test_main_clean_registry(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:

@@ -13,6 +13,7 @@ follow in flat pair order (token-major), which fixes every reduction order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -49,6 +50,22 @@ def block_capacity(n_tokens: int, n_slots: int, n_transforms: int, block_m: int)
     """
     pairs = n_tokens * min(n_slots, n_transforms)
     return pairs // block_m + min(n_transforms, pairs)
+
+
+def region_starts(
+    n_tokens: int, n_slots: int, bucket_sizes: Sequence[int], block_m: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(block_start, row_start): each bucket's region in blocks and rows, plus the totals.
+
+    Depends on shapes alone (see :func:`block_capacity`), so kernels and fake implementations
+    can size everything without reading the routing.
+    """
+    block_start, row_start = [0], [0]
+    for n, m in zip(bucket_sizes, block_m):
+        cap = block_capacity(n_tokens, n_slots, n, m)
+        block_start.append(block_start[-1] + cap)
+        row_start.append(row_start[-1] + cap * m)
+    return tuple(block_start), tuple(row_start)
 
 
 def route_pairs(

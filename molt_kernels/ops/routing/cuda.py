@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import Routing, block_capacity
+from . import Routing, region_starts
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +71,12 @@ def load_extension() -> ModuleType | None:
     return torch.ops.molt_kernels
 
 
-def _regions(
-    n_tokens: int, n_slots: int, bucket_sizes: tuple[int, ...], block_m: tuple[int, ...]
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``Routing.block_start`` and ``Routing.row_start``: bucket regions, from shapes alone."""
-    block_start, row_start = [0], [0]
-    for n, m in zip(bucket_sizes, block_m):
-        cap = block_capacity(n_tokens, n_slots, n, m)
-        block_start.append(block_start[-1] + cap)
-        row_start.append(row_start[-1] + cap * m)
-    return tuple(block_start), tuple(row_start)
-
-
 def _route_pairs_fake(
     indices: Tensor, keep: Tensor, bucket_sizes: list[int], block_m: list[int]
 ) -> tuple[Tensor, ...]:
     """Output shapes for torch.compile: every size follows from the input shapes."""
     n_tokens, n_slots = indices.shape
-    block_start, row_start = _regions(n_tokens, n_slots, tuple(bucket_sizes), tuple(block_m))
+    block_start, row_start = region_starts(n_tokens, n_slots, bucket_sizes, block_m)
     new = indices.new_empty
     return (
         new(row_start[-1]),
@@ -110,7 +98,7 @@ def route_pairs_cuda(
         indices, keep, list(bucket_sizes), list(block_m)
     )
     n_tokens, n_slots = indices.shape
-    block_start, row_start = _regions(n_tokens, n_slots, tuple(bucket_sizes), tuple(block_m))
+    block_start, row_start = region_starts(n_tokens, n_slots, bucket_sizes, block_m)
     return Routing(
         pair_of_row=pair_of_row,
         row_of_pair=row_of_pair,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Routing, block_capacity
+from . import Routing, region_starts
 
 
 def route_pairs_torch(
@@ -22,11 +22,9 @@ def route_pairs_torch(
     n_pairs = n_tokens * n_slots
     long = dict(dtype=torch.int64, device=device)
 
-    caps = [block_capacity(n_tokens, n_slots, n, m) for n, m in zip(bucket_sizes, block_m)]
-    block_start, row_start, first_t = [0], [0], [0]
-    for cap, m, n in zip(caps, block_m, bucket_sizes):
-        block_start.append(block_start[-1] + cap)
-        row_start.append(row_start[-1] + cap * m)
+    block_start, row_start = region_starts(n_tokens, n_slots, bucket_sizes, block_m)
+    first_t = [0]
+    for n in bucket_sizes:
         first_t.append(first_t[-1] + n)
     total_rows, total_blocks = row_start[-1], block_start[-1]
 

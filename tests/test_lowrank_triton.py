@@ -1,0 +1,301 @@
+"""Triton MOLT decode kernels, run on CPU under TRITON_INTERPRET=1.
+
+Output and every gradient (x, gates, U, V, b_dec) against the float64 reference and the torch
+backend, over routings (uniform, Zipf, all tokens to one transform, empty transforms, > 1024
+transforms in a bucket), ranks {32, 48, 64, 512}, token counts {0, 1, 7, 300} and dtypes. Every
+buffer the kernels fill starts as NaN, so an element they fail to write shows up.
+"""
+
+
+import importlib.util  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from molt_kernels import MOLT, MOLTConfig  # noqa: E402
+from molt_kernels import functional as MF  # noqa: E402
+from molt_kernels.ops.lowrank_mixture import lowrank_mixture_triton  # noqa: E402
+from molt_kernels.ops.lowrank_mixture import triton as triton_impl  # noqa: E402
+
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 2e-2,
+}
+ZERO_GATES = 0.1  # fraction of pairs with gate 0: dropped by the routing, zero gradient
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_bf16_dot():
+    """The interpreter keeps bf16 as uint16 bit patterns and its tl.dot multiplies the patterns
+    (triton-lang/triton#11584, unsupported upstream). Widen bf16 operands to fp32 first: exactly
+    what a bf16 tensor-core dot with fp32 accumulation computes."""
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, acc, *args):
+        return original(self, widen(a), widen(b), acc, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    def empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_impl, "_empty", empty)
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    rank_counts: dict[int, int]
+    d_in: int
+    d_out: int
+    n_tokens: int
+    k: int
+    routing: str  # uniform | zipf | all_to_one | empty_transforms
+
+
+def route(case: Case) -> torch.Tensor:
+    """indices [N, k]: k distinct transforms per token drawn by the case's routing."""
+    n_transforms = sum(case.rank_counts.values())
+    # Gumbel top-k draws k distinct transforms per token with probability ~ exp(score).
+    score = torch.zeros(case.n_tokens, n_transforms)
+    if case.routing == "zipf":
+        rank = torch.randperm(n_transforms).float()
+        score = score - 1.2 * torch.log1p(rank)
+    elif case.routing == "all_to_one":
+        score[:, torch.randint(n_transforms, ()).item()] = float("inf")
+    elif case.routing == "empty_transforms":
+        score[:, 1::2] = -float("inf")
+    gumbel = -torch.log(-torch.log(torch.rand(case.n_tokens, n_transforms)))
+    return (score + gumbel).topk(case.k, dim=1).indices
+
+
+def make_inputs(case: Case, dtype: torch.dtype) -> dict:
+    """x, gates (fp32, fp64 for fp64 x), indices, U, V, b_dec, all requiring grad but indices."""
+    n, d_in, d_out = case.n_tokens, case.d_in, case.d_out
+    gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gates = torch.randn(n, case.k, dtype=gate_dtype)
+    gates = gates * (torch.rand(n, case.k) >= ZERO_GATES)
+    leaves = dict(
+        x=torch.randn(n, d_in).to(dtype),
+        gates=gates,
+        U=[(torch.randn(c, d_out, r) / r**0.5).to(dtype) for r, c in case.rank_counts.items()],
+        V=[(torch.randn(c, r, d_in) / d_in**0.5).to(dtype) for r, c in case.rank_counts.items()],
+        b_dec=torch.randn(d_out).to(dtype),
+    )
+    for value in leaves.values():
+        for t in value if isinstance(value, list) else [value]:
+            t.requires_grad_()
+    return dict(leaves, indices=route(case))
+
+
+def run(inputs: dict, backend: str, cast=None) -> list[torch.Tensor]:
+    """[y, dx, dgates, db_dec, dU..., dV...] for a random projection of y as the loss."""
+    cast = cast or (lambda t: t)
+    leaves = dict(
+        x=cast(inputs["x"]).detach().requires_grad_(),
+        gates=cast(inputs["gates"]).detach().requires_grad_(),
+        b_dec=cast(inputs["b_dec"]).detach().requires_grad_(),
+        U=[cast(u).detach().requires_grad_() for u in inputs["U"]],
+        V=[cast(v).detach().requires_grad_() for v in inputs["V"]],
+    )
+    y = MF.lowrank_mixture(
+        leaves["x"], leaves["gates"], inputs["indices"], leaves["U"], leaves["V"],
+        leaves["b_dec"], backend=backend,
+    )
+    projection = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y.double() * projection.double()).sum().backward()
+    params = [leaves["x"], leaves["gates"], leaves["b_dec"], *leaves["U"], *leaves["V"]]
+    return [y.detach()] + [p.grad for p in params]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (a.double() - ref.double()).norm().item()
+    scale = ref.double().norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+NAMES = ["y", "dx", "dgates", "db_dec"]
+
+CASES = {
+    "uniform": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 4, "uniform"),
+    "zipf": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 4, "zipf"),
+    # 300 pairs on one transform: split into partial sums reduced in order.
+    "all_to_one": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 3, "all_to_one"),
+    "empty_transforms": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 4, "empty_transforms"),
+    "tokens0": Case({32: 4, 48: 3}, 16, 24, 0, 2, "uniform"),
+    "tokens1": Case({32: 4, 48: 3}, 16, 24, 1, 3, "uniform"),
+    "tokens7": Case({32: 4, 48: 3}, 1, 33, 7, 7, "uniform"),
+    "rank512": Case({512: 2, 32: 3}, 8, 5, 7, 2, "zipf"),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def check_against_reference_and_torch(case: Case, dtype: torch.dtype) -> None:
+    inputs = make_inputs(case, dtype)
+    got = run(inputs, "triton")
+    ref = run(inputs, "reference", cast=lambda t: t.double())
+    sparse = run(inputs, "torch")
+    tol = TOLERANCE[dtype]
+    names = NAMES + [f"dU[{b}]" for b in range(len(inputs["U"]))]
+    names += [f"dV[{b}]" for b in range(len(inputs["V"]))]
+    for name, g, r, s in zip(names, got, ref, sparse, strict=True):
+        assert g.shape == r.shape and g.dtype == s.dtype, name
+        assert torch.isfinite(g).all(), f"{name}: unwritten (NaN) elements"
+        assert rel_err(g, r) < tol, f"{name} vs reference: {rel_err(g, r):.2e}"
+        # The torch backend computes half inputs in fp32: each is within tol of the reference.
+        assert rel_err(g, s) < 2 * tol, f"{name} vs torch backend: {rel_err(g, s):.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_and_torch(name: str, dtype: torch.dtype) -> None:
+    check_against_reference_and_torch(CASES[name], dtype)
+
+
+def test_more_than_1024_transforms_in_a_bucket() -> None:
+    check_against_reference_and_torch(Case({32: 1100, 48: 2}, 9, 7, 16, 4, "uniform"),
+                                      torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_bitwise_deterministic(dtype: torch.dtype) -> None:
+    inputs = make_inputs(CASES["all_to_one"], dtype)
+    first, second = run(inputs, "triton"), run(inputs, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_torch_compile_traces_the_op() -> None:
+    """Fake kernels and register_autograd let torch.compile trace forward and backward whole."""
+    inputs = make_inputs(CASES["tokens7"], torch.float32)
+    leaves = [inputs["x"], inputs["gates"], inputs["b_dec"], *inputs["U"], *inputs["V"]]
+
+    def decode(x, gates, indices, U, V, b_dec):
+        return lowrank_mixture_triton(x, gates, indices, U, V, b_dec)[0]
+
+    compiled = torch.compile(decode, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (decode, compiled):
+        y = fn(inputs["x"], inputs["gates"], inputs["indices"], inputs["U"], inputs["V"],
+               inputs["b_dec"])
+        results.append([y, *torch.autograd.grad(y.square().sum(), leaves)])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_op_registration() -> None:
+    inputs = make_inputs(CASES["tokens7"], torch.float32)
+    args = tuple(inputs[n] for n in ("x", "gates", "indices", "U", "V", "b_dec"))
+    torch.library.opcheck(
+        lowrank_mixture_triton, args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("molt_kernels.ops.gate_topk.triton") is None,
+    reason="the triton gate op (molt_kernels.ops.gate_topk.triton) has not landed",
+)
+def test_module_on_triton_backend() -> None:
+    cfg = MOLTConfig(d_in=24, d_out=20, rank_counts={48: 2, 32: 4}, k=3)
+    model = MOLT(cfg, dtype=torch.float64)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    outs = {}
+    for backend in ("reference", "triton"):
+        model.backend = backend
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = model(xx)
+        y.square().sum().backward()
+        outs[backend] = [y, xx.grad] + [p.grad for p in model.parameters()]
+    for a, r in zip(outs["triton"], outs["reference"], strict=True):
+        assert rel_err(a, r) < TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("splits", [0, 1, 5, 64])
+def test_split_chunks_cover_every_block_once(splits: int) -> None:
+    counts = torch.tensor([0, 3000, 7, 0, 600, 1])
+    block_m = 16
+    chunk, split = triton_impl.split_chunks(counts, block_m, splits)
+    blocks = (counts + block_m - 1) // block_m
+    first = torch.cumsum(blocks, 0) - blocks
+    live = chunk[chunk[:, 0] >= 0]
+    for t in range(len(counts)):
+        mine = live[live[:, 0] == t]
+        assert len(mine) >= 1  # empty transforms too: they write their zero gradient
+        ranges = [range(lo, hi) for _, lo, hi, _ in mine.tolist()]
+        assert [b for r in ranges for b in r] == list(range(first[t], first[t] + blocks[t]))
+        slots = mine[:, 3].tolist()
+        assert slots == [-1] if len(mine) == 1 else slots == list(range(slots[0], slots[-1] + 1))
+    used = live[:, 3][live[:, 3] >= 0]
+    assert len(used) <= splits and len(set(used.tolist())) == len(used)
+    assert (len(used) > 0) == (splits >= 2)  # the hot transform splits whenever it may
+    split_rows = split[split[:, 0] >= 0].tolist()
+    assert sum(n for _, _, n in split_rows) == len(used)
+
+
+# -- configs and GPU builds ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("rank", [1, 32, 48, 512])
+@pytest.mark.parametrize("rows", [0.0, 3.0, 1e6])
+def test_bucket_config_is_valid(rank: int, dtype: torch.dtype, rows: float) -> None:
+    cfg = triton_impl.bucket_config(rank, 2304, 7, dtype, rows)
+    assert triton_impl.MIN_TILE <= cfg.block_m <= triton_impl.MAX_BLOCK_M
+    for launch in (cfg.shrink_fwd, cfg.expand_fwd, cfg.shrink_bwd, cfg.expand_bwd,
+                   cfg.grad_u, cfg.grad_v):
+        assert all(t >= triton_impl.MIN_TILE for t in launch.tiles.values())
+        assert launch.tiles["BLOCK_M"] == cfg.block_m
+        assert launch.num_stages >= 1
+    assert cfg.block_m % cfg.grad_u.tiles["BLOCK_K"] == 0
+
+
+def test_block_m_follows_rows_per_transform() -> None:
+    sizes = [triton_impl.bucket_config(512, 2304, 2304, torch.bfloat16, rows).block_m
+             for rows in (1, 64, 1e5)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    low = triton_impl.bucket_config(32, 2304, 2304, torch.bfloat16, 1e5).block_m
+    assert low < sizes[-1]
+
+
+def test_gpu_report_builds_cover_every_kernel() -> None:
+    builds = triton_impl.gpu_report_builds()
+    names = {b.name for b in builds}
+    assert names == {"lowrank_shrink", "lowrank_expand", "lowrank_xty", "lowrank_partial_sum",
+                     "lowrank_slot_sum"}
+    for build in builds:
+        assert list(build.signature) == build.fn.arg_names
+
+
+def test_biggest_tile_compiles_to_wgmma_without_spills() -> None:
+    # compile_builds compiles in fresh workers without the interpreter, so it works from here.
+    from molt_kernels.gpu_report import check_limits, compile_builds
+
+    big = next(
+        b
+        for b in triton_impl.gpu_report_builds()
+        if b.name == "lowrank_shrink" and b.config.startswith("bf16,R=512,BACKWARD=1,BLOCK_M=128")
+    )
+    (row,) = compile_builds([big], ["sm_90"], jobs=1)
+    assert check_limits(row) == [] and row.wgmma

@@ -1,0 +1,132 @@
+"""Replacement-layer metrics: reconstruction (FVU, normalised MSE), sparsity (L0, per rank bucket,
+dead transforms) and Jacobian faithfulness against the MLP being replaced."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import MOLTConfig
+
+
+def fvu(pred: Tensor, target: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum ||target - pred||^2 / sum ||target - mean||^2.
+
+    pred, target [..., d]; the mean is over all leading dims (tokens). Returns a 0-d tensor.
+    """
+    target = target.reshape(-1, target.shape[-1]).double()
+    pred = pred.reshape(-1, pred.shape[-1]).double()
+    residual = (target - pred).square().sum()
+    total = (target - target.mean(0)).square().sum()
+    return residual / total
+
+
+def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """mean ||target - pred||^2 / mean ||target||^2 (0-d tensor)."""
+    return (target.double() - pred.double()).square().sum() / target.double().square().sum()
+
+
+def l0(gates: Tensor) -> Tensor:
+    """Mean number of non-zero gates per token; gates [..., k] (0-d tensor)."""
+    return (gates != 0).sum(-1).double().mean()
+
+
+def l0_per_bucket(gates: Tensor, indices: Tensor, cfg: MOLTConfig) -> dict[int, float]:
+    """Mean active transforms per token in each rank bucket, keyed by rank."""
+    offsets = torch.tensor(cfg.bucket_offsets[1:-1], device=indices.device)
+    bucket = torch.bucketize(indices, offsets, right=True)
+    active = gates != 0
+    n_tokens = max(1, active[..., 0].numel()) if active.shape[-1] else 1
+    return {
+        rank: (active & (bucket == b)).sum().item() / n_tokens for b, rank in enumerate(cfg.ranks)
+    }
+
+
+class DeadTracker:
+    """Tracks which transforms (or features) fired within the last ``window`` tokens.
+
+    A unit is dead when it has not fired (non-zero gate) in the window; ``update`` is called with
+    each batch's (gates, indices).
+    """
+
+    def __init__(self, n_units: int, window: int) -> None:
+        if n_units < 1 or window < 1:
+            raise ValueError(f"n_units and window must be >= 1, got {n_units}, {window}")
+        self.window = window
+        self.tokens_seen = 0
+        self.last_fired = torch.full((n_units,), -1, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, gates: Tensor, indices: Tensor) -> None:
+        n_tokens = gates.reshape(-1, gates.shape[-1]).shape[0]
+        fired = indices[gates != 0].reshape(-1).cpu()
+        self.tokens_seen += n_tokens
+        self.last_fired[fired] = self.tokens_seen
+
+    def dead_mask(self) -> Tensor:
+        """[n_units] bool; before a full window has passed, "never fired so far"."""
+        horizon = self.tokens_seen - self.window
+        return self.last_fired < 0 if horizon < 0 else self.last_fired <= horizon
+
+    def dead_fraction(self) -> float:
+        return self.dead_mask().double().mean().item()
+
+
+@torch.no_grad()
+def molt_jacobian(layer: nn.Module, x: Tensor, chunk: int = 64) -> Tensor:
+    """Closed-form d y / d x of a MOLT at each token: x [N, d_in] -> J [N, d_out, d_in].
+
+    J = sum_{t active} g_t U_t V_t + (U_t V_t x) act'(pre_t) W_gate[t]^T. The top-k selection is
+    locally constant, and act'(pre_t) = 1 for every active gate of relu, jumprelu (away from the
+    threshold) and identity, so both terms run over the active transforms only.
+    """
+    cfg: MOLTConfig = layer.cfg
+    gates, indices = layer.encode(x)
+    offsets = cfg.bucket_offsets
+    out = []
+    for lo in range(0, x.shape[0], chunk):
+        xs, gs, idx = x[lo : lo + chunk], gates[lo : lo + chunk], indices[lo : lo + chunk]
+        jac = xs.new_zeros(xs.shape[0], cfg.d_out, cfg.d_in)
+        for slot in range(idx.shape[1]):
+            t, g = idx[:, slot], gs[:, slot].to(xs.dtype)
+            for b in range(cfg.n_buckets):
+                rows = ((t >= offsets[b]) & (t < offsets[b + 1]) & (g != 0)).nonzero()[:, 0]
+                if rows.numel() == 0:
+                    continue
+                local = t[rows] - offsets[b]
+                uv = torch.bmm(layer.U[b][local], layer.V[b][local])  # [n, d_out, d_in]
+                z = torch.bmm(uv, xs[rows, :, None])  # [n, d_out, 1]
+                jac[rows] += g[rows, None, None] * uv + z * layer.W_gate[t[rows], None, :]
+        out.append(jac)
+    return torch.cat(out) if out else x.new_zeros(0, cfg.d_out, cfg.d_in)
+
+
+@torch.no_grad()
+def transcoder_jacobian(layer: nn.Module, x: Tensor) -> Tensor:
+    """Closed-form d y / d x of a TopK transcoder: J = sum_{j active} W_dec[f_j]^T W_enc[f_j]
+    (+ W_skip). x [N, d_in] -> J [N, d_out, d_in]."""
+    acts, indices = layer.encode(x)
+    active = (acts != 0).to(x.dtype)
+    jac = torch.einsum("nk,nko,nki->noi", active, layer.W_dec[indices], layer.W_enc[indices])
+    if getattr(layer, "W_skip", None) is not None:
+        jac = jac + layer.W_skip
+    return jac
+
+
+def module_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """d fn / d x per token with torch.func.jacrev: x [N, d_in] -> [N, d_out, d_in].
+
+    ``fn`` maps [n, d_in] -> [n, d_out] token-wise (an MLP block, or a replacement layer). jacrev
+    vmaps only the backward over output directions; the forward runs once per token, plainly, so
+    layers with data-dependent routing work too.
+    """
+    per_token = torch.func.jacrev(lambda v: fn(v[None])[0])
+    return torch.stack([per_token(xi) for xi in x]) if len(x) else x.new_zeros(0, 0, x.shape[-1])
+
+
+def jacobian_cosine(jac_a: Tensor, jac_b: Tensor) -> Tensor:
+    """Cosine similarity of the flattened Jacobians at each token: [N, o, i] x2 -> [N]."""
+    a, b = jac_a.flatten(1).double(), jac_b.flatten(1).double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)

@@ -1,0 +1,98 @@
+"""The bench CLI end to end on a tiny config: tables on stdout, well-formed JSON."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from molt_kernels import bench
+from molt_kernels.flops import molt_reference_cost
+
+TINY = ["--d", "64", "--n", "1", "--tokens", "128", "--repeats", "1", "--no-progress"]
+
+
+def test_tiny_run_writes_tables_and_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    assert bench.main([*TINY, "--k", "4,40", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| d=64 N=1 k=4 tok=128 | torch " in out
+    assert "TC/MOLT fwd" in out
+    assert "d=64 N=1 k=40 tok=128: skipped, k=40 > T=31 transforms" in out
+
+    # A saved report renders to the same tables.
+    assert bench.main(["--render", str(path)]) == 0
+    assert capsys.readouterr().out == out
+
+    report = json.loads(path.read_text())
+    assert report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["torch"] == torch.__version__
+    assert report["dense_matmul"]["flops_per_s"] > 0
+    assert report["command"].startswith("python -m molt_kernels bench --d 64")
+    cases = {c["k"]: c for c in report["cases"]}
+    assert cases[40]["skipped"] and "transcoder" not in cases[40]
+    assert 0 < cases[4]["active_transforms"] <= 4
+    assert cases[4]["transcoder"]["d_in"] == 64
+
+    results = report["results"]
+    impls = ["reference", "torch", "transcoder"]
+    assert [(r["impl"], r["mode"]) for r in results] == [(i, m) for i in impls for m in bench.MODES]
+    for r in results:
+        assert r["skipped"] is None
+        assert r["time_s"] > 0 and len(r["times_s"]) == 1
+        assert r["peak_bytes"] is None or r["peak_bytes"] >= 0
+        assert math.isclose(
+            r["useful_flops_per_s"], r["useful_flops_per_token"] * 128 / r["time_s"]
+        )
+    ref = results[0]
+    assert ref["speedup_vs_reference"] == 1.0
+    cfg = bench.BenchCase(64, 1, 4, 128).molt_config()
+    assert ref["flops_per_token"] == molt_reference_cost(cfg).forward
+    torch_fwd = results[2]
+    assert torch_fwd["fraction_of_flop_ratio"] == pytest.approx(
+        torch_fwd["speedup_vs_reference"] * torch_fwd["flops_per_token"] / ref["flops_per_token"]
+    )
+
+
+def test_runs_over_the_time_limit_are_skipped_with_a_reason(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    args = [*TINY, "--k", "4", "--backends", "torch", "--no-transcoder"]
+    assert bench.main([*args, "--max-run-seconds", "1e-9", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "torch forward: skipped, predicted" in out
+    results = json.loads(path.read_text())["results"]
+    assert len(results) == 2
+    assert all(r["time_s"] is None and "--max-run-seconds" in r["skipped"] for r in results)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backends", "fast"], "choose from reference, torch, triton"),
+        (["--d", "0"], "expected positive integers"),
+        (["--tokens", "1k"], "expected comma-separated integers"),
+        (["--backends", "triton", "--device", "cpu"], "do not run natively on cpu"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--render", "/nonexistent/bench.json"], "--render /nonexistent/bench.json"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot(tmp_path, capsys):
+    path = tmp_path / "plot.png"
+    args = [*TINY, "--k", "4", "--modes", "forward", "--plot", str(path)]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            bench.main(args)
+        assert "--plot needs matplotlib" in capsys.readouterr().err
+        return
+    assert bench.main(args) == 0
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -153,6 +153,8 @@ class MOLT(nn.Module):
         """Load a layer written by :meth:`save_pretrained`."""
         config, state = read_layer(path, "molt")
         cfg = MOLTConfig.from_dict(config)
-        layer = cls(cfg, backend=backend, device="cpu")
+        # Built in the stored dtype, so that loading never rounds the weights.
+        stored = state["W_gate"].dtype if "W_gate" in state else None
+        layer = cls(cfg, backend=backend, device="cpu", dtype=stored)
         load_state_strict(layer, state, str(path))
         return layer.to(device=device, dtype=dtype)

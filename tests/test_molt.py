@@ -311,6 +311,12 @@ def test_save_load_round_trip(tmp_path):
     loaded = MOLT.from_pretrained(tmp_path / "m")
     assert loaded.cfg == cfg
     assert torch.equal(loaded(x), layer(x))
+    # float64 weights come back bit-exact, not rounded through the default dtype.
+    layer64 = MOLT(cfg, dtype=torch.float64)
+    layer64.save_pretrained(tmp_path / "m64")
+    loaded64 = MOLT.from_pretrained(tmp_path / "m64")
+    assert loaded64.W_gate.dtype == torch.float64
+    assert all(torch.equal(a, b) for a, b in zip(loaded64.parameters(), layer64.parameters()))
 
 
 def test_load_errors_are_clear(tmp_path):

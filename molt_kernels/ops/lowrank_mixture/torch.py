@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..routing import Routing
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 4 << 20
 MIN_BLOCK_M, MAX_BLOCK_M = 8, 128
 
 
@@ -33,10 +33,17 @@ def block_sizes(n_tokens: int, n_slots: int, bucket_sizes: Sequence[int]) -> tup
     return (min(MAX_BLOCK_M, max(MIN_BLOCK_M, m)),) * len(bucket_sizes)
 
 
-def _chunks(routing: Routing, bucket: int, used: int, width: int, elem: int) -> Iterator[slice]:
-    """Block ranges of one bucket such that a chunk's gathered weights fit in CHUNK_BYTES."""
-    per_block = max(1, width * elem)
-    step = max(1, CHUNK_BYTES // per_block)
+def _chunks(
+    routing: Routing, bucket: int, used: int, rank: int, width: int, elem: int
+) -> Iterator[slice]:
+    """Block ranges of one bucket whose gathered rows and weights fit in CHUNK_BYTES together.
+
+    A block gathers BLOCK_M rows and a rank x width weight, each <= width wide. Small chunks keep
+    every temporary under the allocator's mmap threshold: a fresh mapping per large buffer costs
+    more in page faults than the matmul it feeds, and it sets the peak memory.
+    """
+    per_block = (routing.block_m[bucket] + rank) * width * elem
+    step = max(1, CHUNK_BYTES // max(1, per_block))
     b0 = routing.block_start[bucket]
     for lo in range(b0, b0 + used, step):
         yield slice(lo, min(lo + step, b0 + used))
@@ -80,13 +87,16 @@ def forward(
         m, r = routing.block_m[b], v.shape[1]
         h_parts = []
         for blocks in _chunks(
-            routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()
+            routing, b, used_blocks[b], r, max(v.shape[2], u.shape[1]), x.element_size()
         ):
             pair, tok = _row_ids(routing, _rows(routing, b, blocks), n_pairs)
             t = routing.transform_of_block[blocks] - first_t[b]
-            h_pre = torch.bmm(x_ext[tok].view(-1, m, x.shape[1]), v[t].transpose(1, 2))
-            g = gates_ext[pair].to(h_pre.dtype).view(-1, m, 1)
-            out = torch.bmm(h_pre * g, u[t].transpose(1, 2))
+            h_pre = torch.bmm(
+                x_ext.index_select(0, tok).view(-1, m, x.shape[1]),
+                v.index_select(0, t).transpose(1, 2),
+            )
+            g = gates_ext.index_select(0, pair).to(h_pre.dtype).view(-1, m, 1)
+            out = torch.bmm(h_pre * g, u.index_select(0, t).transpose(1, 2))
             y_ext.index_add_(0, tok, out.reshape(-1, out.shape[-1]))
             h_parts.append(h_pre.reshape(-1, r))
         h_pre_all.append(torch.cat(h_parts) if h_parts else x.new_zeros(0, r))
@@ -122,25 +132,27 @@ def backward(
         m, r = routing.block_m[b], v.shape[1]
         offset = 0
         for blocks in _chunks(
-            routing, b, used_blocks[b], r * max(v.shape[2], u.shape[1]), x.element_size()
+            routing, b, used_blocks[b], r, max(v.shape[2], u.shape[1]), x.element_size()
         ):
             pair, tok = _row_ids(routing, _rows(routing, b, blocks), n_pairs)
             t = routing.transform_of_block[blocks] - first_t[b]
             h_pre = h_pre_all[b][offset : offset + pair.numel()].view(-1, m, r)
             offset += pair.numel()
-            dy = dy_ext[tok].view(-1, m, grad_y.shape[1])
-            g = gates_ext[pair].to(h_pre.dtype).view(-1, m, 1)
-            dh = torch.bmm(dy, u[t])
+            dy = dy_ext.index_select(0, tok).view(-1, m, grad_y.shape[1])
+            g = gates_ext.index_select(0, pair).to(h_pre.dtype).view(-1, m, 1)
+            dh = torch.bmm(dy, u.index_select(0, t))
             if need_g:
                 dgates_ext.index_add_(0, pair, (dh * h_pre).sum(-1).reshape(-1))
             if need_u:
                 dU[b].index_add_(0, t, torch.bmm(dy.transpose(1, 2), h_pre * g))
             dh_pre = dh * g
             if need_v:
-                xg = x_ext[tok].view(-1, m, x.shape[1])
+                xg = x_ext.index_select(0, tok).view(-1, m, x.shape[1])
                 dV[b].index_add_(0, t, torch.bmm(dh_pre.transpose(1, 2), xg))
             if need_x:
-                dx_ext.index_add_(0, tok, torch.bmm(dh_pre, v[t]).reshape(-1, x.shape[1]))
+                dx_ext.index_add_(
+                    0, tok, torch.bmm(dh_pre, v.index_select(0, t)).reshape(-1, x.shape[1])
+                )
     dx = dx_ext[:n_tokens] if need_x else None
     dgates = dgates_ext[:n_pairs].view(gates.shape) if need_g else None
     return dx, dgates, dU, dV

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..routing import Routing
 
 CHUNK_BYTES = 4 << 20
-MIN_BLOCK_M, MAX_BLOCK_M = 8, 128
+MIN_BLOCK_M, MAX_BLOCK_M = 8, 64
 
 
 def block_sizes(n_tokens: int, n_slots: int, bucket_sizes: Sequence[int]) -> tuple[int, ...]:

@@ -146,11 +146,11 @@ def _check_decode_args(
     if indices.numel() == 0:
         return
     in_range = (indices.min() >= 0) & (indices.max() < n_transforms)
-    if indices.device.type == "cpu":
+    if indices.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(in_range):
             raise ValueError(f"indices must lie in [0, T={n_transforms})")
     else:
-        # A device-side assert: checking on the host would synchronise the hot path.
+        # A device-side assert: a host check would synchronise the hot path (and break graphs).
         torch._assert_async(in_range, f"indices must lie in [0, T={n_transforms})")
 
 

@@ -299,3 +299,24 @@ def test_biggest_tile_compiles_to_wgmma_without_spills() -> None:
     )
     (row,) = compile_builds([big], ["sm_90"], jobs=1)
     assert check_limits(row) == [] and row.wgmma
+
+
+def test_torch_compile_traces_the_whole_module() -> None:
+    """MOLT on the triton backend (gate op + routing + decode op) compiles with fullgraph=True
+    and gives the eager results bitwise, forward and every gradient."""
+    cfg = MOLTConfig(d_in=16, rank_counts={8: 3, 4: 5}, k=3)
+    layer = MOLT(cfg, backend="triton")
+    x = torch.randn(7, 16)
+
+    def loss(inp: torch.Tensor) -> torch.Tensor:
+        return layer(inp).square().sum()
+
+    eager = loss(x)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
+    compiled.backward()
+    assert torch.equal(compiled, eager)
+    for p, g in zip(layer.parameters(), eager_grads):
+        assert torch.equal(p.grad, g)

@@ -133,25 +133,34 @@ def _check_decode_args(
         _check_tensor(f"U[{b}]", u, (n, d_out, r), x.device)
         n_transforms += n
     _check_tensor("b_dec", b_dec, (d_out,), x.device)
-    _check_tensor("gates", gates, tuple(x.shape[:-1]) + (None,), x.device)
+    check_indices(x, gates, "gates", indices, n_transforms, "T")
+
+
+def check_indices(
+    x: Tensor, values: Tensor, values_name: str, indices: Tensor, n_units: int, units_name: str
+) -> None:
+    """Check values [..., k] (floating) and indices [..., k] int64 beside x [..., d], ids in
+    [0, n_units). On CUDA, or while compiling, the range check is a device-side assert: a host
+    check would synchronise the hot path and break graphs."""
+    _check_tensor(values_name, values, tuple(x.shape[:-1]) + (None,), x.device)
     if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
         raise TypeError(
             f"indices must be an int64 tensor, got {getattr(indices, 'dtype', indices)}"
         )
-    if indices.shape != gates.shape or indices.device != x.device:
+    if indices.shape != values.shape or indices.device != x.device:
         raise ValueError(
-            f"indices must match gates: shape {list(gates.shape)} on {x.device}, "
+            f"indices must match {values_name}: shape {list(values.shape)} on {x.device}, "
             f"got {list(indices.shape)} on {indices.device}"
         )
     if indices.numel() == 0:
         return
-    in_range = (indices.min() >= 0) & (indices.max() < n_transforms)
+    in_range = (indices.min() >= 0) & (indices.max() < n_units)
+    message = f"indices must lie in [0, {units_name}={n_units})"
     if indices.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(in_range):
-            raise ValueError(f"indices must lie in [0, T={n_transforms})")
+            raise ValueError(message)
     else:
-        # A device-side assert: a host check would synchronise the hot path (and break graphs).
-        torch._assert_async(in_range, f"indices must lie in [0, T={n_transforms})")
+        torch._assert_async(in_range, message)
 
 
 def lowrank_mixture(

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import functional as MF
 from .backend import check_backend_name, resolve_backend
 from .config import _check_positive_int
-from .functional import _check_tensor, _check_x, compute_dtype
+from .functional import _check_tensor, _check_x, check_indices, compute_dtype
 from .io import load_state_strict, read_layer, save_layer
 
 KIND = "topk_transcoder"
@@ -95,26 +95,7 @@ def _check_decode_args(
         _check_x(x, W_skip.shape[1])
         _check_tensor("W_skip", W_skip, (d_out, x.shape[-1]), x.device)
     _check_tensor("b_dec", b_dec, (d_out,), x.device)
-    _check_tensor("acts", acts, tuple(x.shape[:-1]) + (None,), x.device)
-    if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
-        raise TypeError(
-            f"indices must be an int64 tensor, got {getattr(indices, 'dtype', indices)}"
-        )
-    if indices.shape != acts.shape or indices.device != x.device:
-        raise ValueError(
-            f"indices must match acts: shape {list(acts.shape)} on {x.device}, "
-            f"got {list(indices.shape)} on {indices.device}"
-        )
-    if indices.numel() == 0:
-        return
-    in_range = (indices.min() >= 0) & (indices.max() < n_features)
-    message = f"indices must lie in [0, n_features={n_features})"
-    if indices.device.type == "cpu":
-        if not bool(in_range):
-            raise ValueError(message)
-    else:
-        # A device-side assert: checking on the host would synchronise the hot path.
-        torch._assert_async(in_range, message)
+    check_indices(x, acts, "acts", indices, n_features, "n_features")
 
 
 def transcoder_decode(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,3 +60,31 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
                 f"the config expects {list(own[name].shape)}"
             )
     module.load_state_dict(state)
+
+
+class PretrainedLayer:
+    """``save_pretrained`` / ``from_pretrained`` for a layer module that has ``cfg`` (with
+    ``to_dict``/``from_dict``) and is built as ``cls(cfg, backend=, device=, dtype=)``."""
+
+    KIND: ClassVar[str]
+    CONFIG: ClassVar[type]
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``cfg.json`` and ``model.safetensors`` into directory ``path``."""
+        return save_layer(path, self.KIND, self.cfg.to_dict(), self)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Load a layer written by :meth:`save_pretrained`, then move it to device / dtype."""
+        config, state = read_layer(path, cls.KIND)
+        # Built in the stored dtype, so that loading never rounds the weights.
+        stored = next(iter(state.values())).dtype if state else None
+        layer = cls(cls.CONFIG.from_dict(config), backend=backend, device="cpu", dtype=stored)
+        load_state_strict(layer, state, str(path))
+        return layer.to(device=device, dtype=dtype)

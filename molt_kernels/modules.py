@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -11,19 +10,23 @@ from torch import Tensor, nn
 from . import functional as MF
 from .backend import check_backend_name
 from .config import MOLTConfig, normal_quantile
-from .io import load_state_strict, read_layer, save_layer
+from .io import PretrainedLayer
 
 PENALTY_FORMS = ("tanh", "l1")
 MIN_INIT_THRESHOLD = 1e-2
 
 
-class MOLT(nn.Module):
+class MOLT(PretrainedLayer, nn.Module):
     """Sparse mixture of low-rank transforms: y = sum_{t in topk} g_t U_t V_t x + b_dec.
 
     Parameters: ``W_gate`` [T, d_in], ``b_gate`` [T], ``U[b]`` [n_b, d_out, r_b],
     ``V[b]`` [n_b, r_b, d_in], ``b_dec`` [d_out], and ``log_threshold`` [T] for jumprelu.
     ``backend`` (or ``$MOLT_KERNELS_BACKEND``) picks the implementation; see ``backend.py``.
+    Stored with ``save_pretrained`` / ``from_pretrained`` (``cfg.json`` + ``model.safetensors``).
     """
+
+    KIND = "molt"
+    CONFIG = MOLTConfig
 
     def __init__(
         self,
@@ -135,26 +138,3 @@ class MOLT(nn.Module):
             f"d_in={c.d_in}, d_out={c.d_out}, rank_counts={c.rank_counts}, k={c.k}, "
             f"activation={c.activation!r}, backend={self.backend!r}"
         )
-
-    # -- storage -----------------------------------------------------------------------------
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``cfg.json`` and ``model.safetensors`` into directory ``path``."""
-        return save_layer(path, "molt", self.cfg.to_dict(), self)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        backend: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> MOLT:
-        """Load a layer written by :meth:`save_pretrained`."""
-        config, state = read_layer(path, "molt")
-        cfg = MOLTConfig.from_dict(config)
-        # Built in the stored dtype, so that loading never rounds the weights.
-        stored = state["W_gate"].dtype if "W_gate" in state else None
-        layer = cls(cfg, backend=backend, device="cpu", dtype=stored)
-        load_state_strict(layer, state, str(path))
-        return layer.to(device=device, dtype=dtype)

@@ -12,7 +12,6 @@ one matmul), which is the oracle and the naive baseline.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +22,7 @@ from . import functional as MF
 from .backend import check_backend_name, resolve_backend
 from .config import _check_positive_int
 from .functional import _check_tensor, _check_x, check_indices, compute_dtype
-from .io import load_state_strict, read_layer, save_layer
-
-KIND = "topk_transcoder"
+from .io import PretrainedLayer
 
 
 @dataclass(frozen=True)
@@ -139,12 +136,15 @@ def _unit_rows_(t: Tensor) -> None:
     t /= t.norm(dim=1, keepdim=True)
 
 
-class TopKTranscoder(nn.Module):
+class TopKTranscoder(PretrainedLayer, nn.Module):
     """acts = topk(relu(x W_enc^T + b_enc)); y = sum_j acts_j W_dec[f_j] + b_dec (+ W_skip x).
 
     Parameters: ``W_enc`` [F, d_in], ``b_enc`` [F], ``W_dec`` [F, d_out], ``b_dec`` [d_out], and
     ``W_skip`` [d_out, d_in] when ``cfg.skip``. ``backend`` as for :class:`molt_kernels.MOLT`.
     """
+
+    KIND = "topk_transcoder"
+    CONFIG = TranscoderConfig
 
     def __init__(
         self,
@@ -209,23 +209,3 @@ class TopKTranscoder(nn.Module):
             f"d_in={c.d_in}, d_out={c.d_out}, n_features={c.n_features}, k={c.k}, "
             f"skip={c.skip}, backend={self.backend!r}"
         )
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``cfg.json`` and ``model.safetensors`` into directory ``path``."""
-        return save_layer(path, KIND, self.cfg.to_dict(), self)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        backend: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> TopKTranscoder:
-        """Load a transcoder written by :meth:`save_pretrained`."""
-        config, state = read_layer(path, KIND)
-        # Built in the stored dtype, so that loading never rounds the weights on the way.
-        stored = next(iter(state.values())).dtype
-        layer = cls(TranscoderConfig.from_dict(config), backend=backend, device="cpu", dtype=stored)
-        load_state_strict(layer, state, str(path))
-        return layer.to(device=device, dtype=dtype)

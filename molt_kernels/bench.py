@@ -698,6 +698,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="draw time and FLOPs per token vs size (PNG)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--gate",
+        action="store_true",
+        help="time the gate alone (fused gated top-k vs F.linear + relu + torch.topk) over "
+        "--t x --d x --k instead of the layer",
+    )
+    p.add_argument("--t", type=int_list, help="transform counts for --gate (default 1k,16k,64k)")
     return p
 
 
@@ -711,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'molt_kernels[bench]'")
+    if args.gate:
+        return gate_main(parser, args)
     if args.render is not None:
         try:
             report = json.loads(args.render.read_text())
@@ -859,3 +868,38 @@ def _case_info(case: dict[str, Any]) -> CaseInfo:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def gate_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`bench --gate`: the gate table (see :mod:`molt_kernels.bench_gate`)."""
+    from . import bench_gate
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    repeats = args.repeats or DEFAULT_REPEATS
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    def median_seconds(step: Callable[[], None]) -> float:
+        step()  # warm-up
+        synchronize(device)
+        return statistics.median(time_runs(step, device, repeats))
+
+    tokens = args.tokens[0] if args.tokens else None
+    rows, table = bench_gate.gate_table(
+        device,
+        dtype,
+        bench_gate.timed_impls(native_backends(device)),
+        median_seconds,
+        args.t or bench_gate.GRID_T,
+        args.d or bench_gate.GRID_D,
+        args.k or bench_gate.GRID_K,
+        tokens,
+    )
+    print(f"# gate: {device_name(device)}, {str(dtype).removeprefix('torch.')}, torch "
+          f"{torch.__version__}, median of {repeats}")
+    print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"gate": rows}, indent=1) + "\n")
+    return 0

@@ -96,3 +96,18 @@ def test_plot(tmp_path, capsys):
         return
     assert bench.main(args) == 0
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_gate_table_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "gate.json"
+    argv = ["--gate", "--t", "256", "--d", "16", "--k", "8", "--tokens", "32", "--repeats", "1"]
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 256 | 16 | 8 | 32 | unfused |" in printed and "| torch |" in printed
+    rows = json.loads(out.read_text())["gate"]
+    assert {r["impl"] for r in rows} == {"unfused", "torch"}
+    # With fp32 inputs the only difference is the [tokens, T] logits, moved four times unfused.
+    from molt_kernels.bench_gate import bytes_moved
+
+    extra = bytes_moved("unfused", 32, 256, 16, 8, 4) - bytes_moved("triton", 32, 256, 16, 8, 4)
+    assert extra == 4 * 32 * 256 * 4

@@ -16,18 +16,32 @@ from .activation import apply_activation
 def topk_lowest_index(values: Tensor, k: int) -> Tensor:
     """Indices [N, k] of the k largest values per row, ties to the lower index, in order.
 
-    NaN counts as +inf, so a row with NaN still yields k distinct indices (only that row changes).
+    One top-k decides every row whose k-th value is not tied with an unselected element; only
+    rows where a tie straddles the cut (e.g. relu zeros when fewer than k are positive) take the
+    exact, slower path. NaN counts as +inf, so a row with NaN still yields k distinct indices
+    (only that row changes).
     """
     key = torch.nan_to_num(values, nan=float("inf"))
+    top = key.topk(k, dim=1)
+    straddling = (key >= top.values[:, -1:]).sum(dim=1) > k
+    # Equal values inside the selection: ascending ids, then a stable sort by value.
+    ids = top.indices.sort(dim=1).values
+    ids = ids.gather(1, torch.sort(key.gather(1, ids), dim=1, descending=True, stable=True).indices)
+    if straddling.any():
+        rows = straddling.nonzero()[:, 0]
+        ids[rows] = _topk_lowest_index_exact(key[rows], k)
+    return ids
+
+
+def _topk_lowest_index_exact(key: Tensor, k: int) -> Tensor:
+    """The tie rule for any row: all values above the k-th, then the lowest-index ties."""
     kth = key.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
     above = key > kth
     ties = key == kth
-    # Fill the remaining places with the lowest-index ties.
     room = k - above.sum(dim=1, keepdim=True)
     chosen = above | (ties & (ties.cumsum(dim=1) <= room))
     # Exactly k per row are chosen; scoring them by reversed id makes a second top-k return them.
-    t = values.shape[1]
-    rank_by_id = torch.arange(t, 0, -1, device=values.device)
+    rank_by_id = torch.arange(key.shape[1], 0, -1, device=key.device)
     ids = torch.where(chosen, rank_by_id, 0).topk(k, dim=1, sorted=False).indices
     ids = ids.sort(dim=1).values  # ascending ids, so the stable sort below breaks ties by id
     order = torch.sort(key.gather(1, ids), dim=1, descending=True, stable=True).indices

@@ -736,14 +736,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def measure(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]
-) -> dict[str, Any]:
-    """Run every selected (config, implementation, mode); the report as a JSON-able dict."""
+def device_and_dtype(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[torch.device, torch.dtype]:
+    """--device (default: cuda when present) and --dtype (bf16 on CUDA, fp32 on the CPU)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    return device, dtype
+
+
+def measure(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]
+) -> dict[str, Any]:
+    """Run every selected (config, implementation, mode); the report as a JSON-able dict."""
+    device, dtype = device_and_dtype(parser, args)
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     if args.repeats < 1:
@@ -874,8 +882,7 @@ def gate_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`bench --gate`: the gate table (see :mod:`molt_kernels.bench_gate`)."""
     from . import bench_gate
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = device_and_dtype(parser, args)
     repeats = args.repeats or DEFAULT_REPEATS
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..routing import Routing
+from ..routing import Routing, bucket_starts
 
 CHUNK_BYTES = 4 << 20
 MIN_BLOCK_M, MAX_BLOCK_M = 8, 64
@@ -81,7 +81,7 @@ def forward(
     x_ext, gates_ext = _with_sink(x), _with_sink(gates.reshape(-1, 1)).view(-1)
     y_ext = _with_sink(b_dec.expand(n_tokens, -1))
     used_blocks = routing.blocks_used.tolist()
-    first_t = _first_transforms(V)
+    first_t = bucket_starts([v.shape[0] for v in V])
     h_pre_all = []
     for b, (u, v) in enumerate(zip(U, V)):
         m, r = routing.block_m[b], v.shape[1]
@@ -127,7 +127,7 @@ def backward(
     dU = [torch.zeros_like(u) for u in U] if need_u else None
     dV = [torch.zeros_like(v) for v in V] if need_v else None
     used_blocks = routing.blocks_used.tolist()
-    first_t = _first_transforms(V)
+    first_t = bucket_starts([v.shape[0] for v in V])
     for b, (u, v) in enumerate(zip(U, V)):
         m, r = routing.block_m[b], v.shape[1]
         offset = 0
@@ -156,12 +156,3 @@ def backward(
     dx = dx_ext[:n_tokens] if need_x else None
     dgates = dgates_ext[:n_pairs].view(gates.shape) if need_g else None
     return dx, dgates, dU, dV
-
-
-def _first_transforms(V: Sequence[Tensor]) -> list[int]:
-    """Global id of each bucket's first transform."""
-    firsts, total = [], 0
-    for v in V:
-        firsts.append(total)
-        total += v.shape[0]
-    return firsts

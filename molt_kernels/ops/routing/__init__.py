@@ -52,6 +52,14 @@ def block_capacity(n_tokens: int, n_slots: int, n_transforms: int, block_m: int)
     return pairs // block_m + min(n_transforms, pairs)
 
 
+def bucket_starts(bucket_sizes: Sequence[int]) -> tuple[int, ...]:
+    """Global id of each bucket's first transform, plus the total: length n_buckets + 1."""
+    starts = [0]
+    for n in bucket_sizes:
+        starts.append(starts[-1] + n)
+    return tuple(starts)
+
+
 def region_starts(
     n_tokens: int, n_slots: int, bucket_sizes: Sequence[int], block_m: Sequence[int]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:

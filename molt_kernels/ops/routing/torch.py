@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Routing, region_starts
+from . import Routing, bucket_starts, region_starts
 
 
 def route_pairs_torch(
@@ -23,9 +23,7 @@ def route_pairs_torch(
     long = dict(dtype=torch.int64, device=device)
 
     block_start, row_start = region_starts(n_tokens, n_slots, bucket_sizes, block_m)
-    first_t = [0]
-    for n in bucket_sizes:
-        first_t.append(first_t[-1] + n)
+    first_t = bucket_starts(bucket_sizes)
     total_rows, total_blocks = row_start[-1], block_start[-1]
 
     # Per-transform constants of its bucket.

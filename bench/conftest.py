@@ -1,7 +1,8 @@
 """Shared setup of the pytest-benchmark suites (``pytest bench/ --benchmark-only``).
 
-One workload per device, small enough on a 2-core CPU that the whole suite takes a few minutes;
-the MOLT backends are those that run natively here (the Triton interpreter is never timed).
+One workload per device (``SUITE_CASE`` of ``molt_kernels.tools.bench.workload``, where the CLI's
+grids live too), small enough on a 2-core CPU that the whole suite takes a few minutes; the MOLT
+backends are those that run natively here (the Triton interpreter is never timed).
 """
 
 from collections.abc import Callable
@@ -9,10 +10,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from molt_kernels.bench import MODES, BenchCase, native_backends, synchronize
+from molt_kernels.tools.bench import MODES, BenchCase, native_backends, synchronize
+from molt_kernels.tools.bench.workload import SUITE_CASE
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = {"cpu": BenchCase(d=512, n=2, k=8, tokens=2048), "cuda": BenchCase(2304, 4, 8, 16384)}
 # fp32 on the CPU, where half matmuls are ~100x slower; bf16 on the GPU, as models train.
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
 ROUNDS, WARMUP_ROUNDS = 5, 1
@@ -30,7 +31,7 @@ def dtype() -> torch.dtype:
 
 @pytest.fixture(scope="session")
 def case() -> BenchCase:
-    return CASES[DEVICE.type]
+    return BenchCase(*SUITE_CASE[DEVICE.type])
 
 
 @pytest.fixture(params=native_backends(DEVICE))

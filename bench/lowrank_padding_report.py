@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from molt_kernels import MOLT, MOLTConfig
-from molt_kernels.flops import FLOPS_PER_MAC
-from molt_kernels.ops.lowrank_mixture import triton as triton_impl
+from molt_kernels.layers.flops import FLOPS_PER_MAC
+from molt_kernels.ops import configs
+from molt_kernels.ops.lowrank_mixture import launch as triton_impl
 from molt_kernels.ops.routing import Routing, route_pairs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,7 +45,7 @@ class Bucket:
 
     rank: int
     n: int
-    cfg: triton_impl.BucketConfig
+    cfg: configs.BucketConfig
     counts: Tensor  # [n] pairs per transform
     blocks: int  # blocks holding pairs
 
@@ -84,12 +85,12 @@ def buckets_of(cfg: MOLTConfig, indices: Tensor, dtype: torch.dtype) -> list[Buc
     n_tokens, k = indices.shape
     U = [torch.empty(n, cfg.d_out, r, device="meta") for r, n in cfg.rank_counts.items()]
     V = [torch.empty(n, r, cfg.d_in, device="meta") for r, n in cfg.rank_counts.items()]
-    configs = triton_impl.plan(n_tokens, k, U, V, dtype)
+    plans = configs.plan(n_tokens, k, U, V, dtype)
     keep = indices >= 0
     routing: Routing = route_pairs(indices.clamp_min(0), keep, cfg.counts,
-                                   tuple(c.block_m for c in configs))
+                                   tuple(c.block_m for c in plans))
     buckets, t0 = [], 0
-    for (rank, n), c, used in zip(cfg.rank_counts.items(), configs, routing.blocks_used):
+    for (rank, n), c, used in zip(cfg.rank_counts.items(), plans, routing.blocks_used):
         buckets.append(Bucket(rank, n, c, routing.pair_counts[t0 : t0 + n], int(used)))
         t0 += n
     return buckets
@@ -99,15 +100,15 @@ def macs(b: Bucket, d_in: int, d_out: int) -> dict[str, tuple[int, int]]:
     """(launched, useful) multiply-adds per kernel of one bucket."""
     c, r, rows = b.cfg, b.rank, b.blocks * b.cfg.block_m
 
-    def shrink(launch: triton_impl.Launch, k: int) -> int:
+    def shrink(launch: configs.Launch, k: int) -> int:
         t = launch.tiles
         return rows * padded(r, t["BLOCK_R"]) * padded(k, t["BLOCK_K"])
 
-    def expand(launch: triton_impl.Launch, n: int) -> int:
+    def expand(launch: configs.Launch, n: int) -> int:
         t = launch.tiles
         return rows * padded(n, t["BLOCK_N"]) * padded(r, t["BLOCK_K"])
 
-    def xty(launch: triton_impl.Launch, p: int) -> int:
+    def xty(launch: configs.Launch, p: int) -> int:
         t = launch.tiles
         return rows * padded(p, t["BLOCK_P"]) * padded(r, t["BLOCK_Q"])
 
@@ -129,7 +130,7 @@ def bytes_moved(b: Bucket, d_in: int, d_out: int, elem: int, acc: int) -> dict[s
     rows = b.blocks * m
     ids = rows * INDEX_BYTES + b.blocks * INDEX_BYTES  # pair of each row, transform of each block
 
-    def shrink(launch: triton_impl.Launch, k: int, backward: bool) -> float:
+    def shrink(launch: configs.Launch, k: int, backward: bool) -> float:
         n_r = tiles(r, launch.tiles["BLOCK_R"])
         moved = n_r * (ids + pairs * k * elem)  # gathered rows, once per rank tile
         moved += b.blocks * r * k * elem  # the transform's weights, once per block
@@ -138,12 +139,12 @@ def bytes_moved(b: Bucket, d_in: int, d_out: int, elem: int, acc: int) -> dict[s
             moved += rows * r * elem + n_r * pairs * 2 * GATE_BYTES  # h_pre; gate, dgate share
         return moved
 
-    def expand(launch: triton_impl.Launch, n: int, gated: bool) -> float:
+    def expand(launch: configs.Launch, n: int, gated: bool) -> float:
         n_n = tiles(n, launch.tiles["BLOCK_N"])
         moved = n_n * (ids + rows * r * elem + (pairs * GATE_BYTES if gated else 0))
         return moved + b.blocks * r * n * elem + pairs * n * elem  # weights; slot rows stored
 
-    def xty(launch: triton_impl.Launch, p: int, gated: bool, splits: int) -> float:
+    def xty(launch: configs.Launch, p: int, gated: bool, splits: int) -> float:
         n_p, n_q = tiles(p, launch.tiles["BLOCK_P"]), tiles(r, launch.tiles["BLOCK_Q"])
         moved = n_p * n_q * (ids + (pairs * GATE_BYTES if gated else 0))
         moved += (n_q * p + n_p * r) * pairs * elem  # X column tiles per Q tile, H per P tile

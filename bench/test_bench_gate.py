@@ -2,7 +2,7 @@
 
 T in {1k, 16k, 64k}, d_in in {768, 2304}, k in {32, 128}, grouped per shape so that each table
 compares the implementations directly; the implementations, inputs and analytic byte counts are
-those of ``molt_kernels.bench_gate`` (also behind `python -m molt_kernels bench --gate`).
+those of ``molt_kernels.tools.bench.gate`` (also behind `python -m molt_kernels bench --gate`).
 """
 
 import functools
@@ -10,8 +10,8 @@ import functools
 import pytest
 import torch
 
-from molt_kernels import bench_gate
-from molt_kernels.bench import native_backends
+from molt_kernels.tools.bench import gate as bench_gate
+from molt_kernels.tools.bench import native_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOKENS = bench_gate.TOKENS[DEVICE.type]

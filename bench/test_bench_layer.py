@@ -1,7 +1,13 @@
 """The whole MOLT layer on every native backend and its matched TopK transcoder, forward (no_grad)
 and forward+backward; grouped by mode so that each table compares them directly."""
 
-from molt_kernels.bench import (
+from molt_kernels.layers.flops import (
+    matched_transcoder,
+    molt_cost,
+    molt_reference_cost,
+    transcoder_cost,
+)
+from molt_kernels.tools.bench import (
     make_inputs,
     make_molt,
     make_transcoder,
@@ -10,7 +16,6 @@ from molt_kernels.bench import (
     sparse_backend,
     step_fn,
 )
-from molt_kernels.flops import matched_transcoder, molt_cost, molt_reference_cost, transcoder_cost
 
 
 def _flops(cost, mode, tokens):

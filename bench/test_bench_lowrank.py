@@ -3,8 +3,8 @@
 
 import torch
 
-import molt_kernels.functional as MF
-from molt_kernels.bench import make_inputs, make_molt
+import molt_kernels.layers.functional as MF
+from molt_kernels.tools.bench import make_inputs, make_molt
 
 
 def test_lowrank_mixture(benchmark, run, case, device, dtype, backend, mode):

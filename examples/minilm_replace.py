@@ -16,10 +16,9 @@ import time
 import torch
 
 from molt_kernels import MOLT, MOLTConfig
-from molt_kernels.capture import capture_mlp_activations
-from molt_kernels.data import iter_texts
-from molt_kernels.flops import matched_transcoder
-from molt_kernels.metrics import (
+from molt_kernels.interp.capture import capture_mlp_activations
+from molt_kernels.interp.data import iter_texts
+from molt_kernels.interp.metrics import (
     fvu,
     jacobian_cosine,
     l0,
@@ -27,10 +26,11 @@ from molt_kernels.metrics import (
     molt_jacobian,
     transcoder_jacobian,
 )
-from molt_kernels.models import load_minilm, minilm_mlp_path
-from molt_kernels.replace import get_module, replaced
-from molt_kernels.train import TrainConfig, train
-from molt_kernels.transcoder import TopKTranscoder
+from molt_kernels.interp.models import load_minilm, minilm_mlp_path
+from molt_kernels.interp.replace import get_module, replaced
+from molt_kernels.interp.train import TrainConfig, train
+from molt_kernels.layers.flops import matched_transcoder
+from molt_kernels.layers.transcoder import TopKTranscoder
 
 
 def capture(model, path: str, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, ...]:

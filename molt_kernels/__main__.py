@@ -6,10 +6,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "verify": ("molt_kernels.verify", "check every backend against the float64 reference"),
-    "bench": ("molt_kernels.bench", "time / FLOPs / memory tables against the reference"),
-    "gpu-report": ("molt_kernels.gpu_report", "compile every Triton kernel for sm_80/sm_90"),
-    "flops": ("molt_kernels.flops", "parameters and FLOPs of MOLTs and matched transcoders"),
+    "verify": ("molt_kernels.tools.verify", "check every backend against the float64 reference"),
+    "bench": ("molt_kernels.tools.bench", "time / FLOPs / memory tables against the reference"),
+    "gpu-report": ("molt_kernels.tools.gpu_report", "compile every Triton kernel for sm_80/sm_90"),
+    "flops": ("molt_kernels.tools.flops", "parameters and FLOPs of MOLTs and matched transcoders"),
 }
 
 

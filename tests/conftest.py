@@ -3,7 +3,7 @@ import os
 # Kernel tests run Triton on the CPU through its interpreter. Triton binds its kernels and its own
 # library to the interpreter when it is first imported, and torch imports triton early (the flop
 # counter, gradcheck), so the switch has to be set before any test module is collected. Compiling
-# for real GPUs (molt_kernels.gpu_report) happens in fresh worker processes without it.
+# for real GPUs (molt_kernels.tools.gpu_report) happens in fresh worker processes without it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from molt_kernels import bench
-from molt_kernels.flops import molt_reference_cost
+from molt_kernels.layers.flops import molt_reference_cost
+from molt_kernels.tools import bench
 
 TINY = ["--d", "64", "--n", "1", "--tokens", "128", "--repeats", "1", "--no-progress"]
 
@@ -107,7 +107,7 @@ def test_gate_table_runs_and_writes_json(tmp_path, capsys):
     rows = json.loads(out.read_text())["gate"]
     assert {r["impl"] for r in rows} == {"unfused", "torch"}
     # With fp32 inputs the only difference is the [tokens, T] logits, moved four times unfused.
-    from molt_kernels.bench_gate import bytes_moved
+    from molt_kernels.tools.bench.gate import bytes_moved
 
     extra = bytes_moved("unfused", 32, 256, 16, 8, 4) - bytes_moved("triton", 32, 256, 16, 8, 4)
     assert extra == 4 * 32 * 256 * 4

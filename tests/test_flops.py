@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from molt_kernels import MOLT, MOLTConfig
-from molt_kernels.flops import (
+from molt_kernels.layers.flops import (
     LayerCost,
-    main,
     matched_transcoder,
     measured_flops,
     mlp_cost,
@@ -23,7 +22,8 @@ from molt_kernels.flops import (
     transform_ranks,
     uniform_active_rank,
 )
-from molt_kernels.transcoder import TopKTranscoder, TranscoderConfig
+from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig
+from molt_kernels.tools.flops import main
 
 TOKENS = 6
 

@@ -1,4 +1,4 @@
-"""Fused Triton gate (molt_kernels.ops.gate_topk.triton) against the float64 reference, on CPU
+"""Fused Triton gate (molt_kernels.ops.gate_topk.autograd) against the float64 reference, on CPU
 under TRITON_INTERPRET=1. Shapes stay small: the interpreter runs every program in Python."""
 
 import pytest
@@ -6,10 +6,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from molt_kernels.ops.gate_topk import triton as gate_triton  # noqa: E402
+from molt_kernels.ops import configs  # noqa: E402
+from molt_kernels.ops.gate_topk import builds as gate_builds  # noqa: E402
+from molt_kernels.ops.gate_topk.autograd import gate_topk_triton  # noqa: E402
 from molt_kernels.ops.gate_topk.reference import gate_topk_reference  # noqa: E402
-from molt_kernels.ops.gate_topk.triton import gate_topk_triton  # noqa: E402
-from molt_kernels.testing import TOLERANCE, relative_error  # noqa: E402
+from molt_kernels.tools.testing import TOLERANCE, relative_error  # noqa: E402
 
 GRAD_NAMES = ("x", "W_gate", "b_gate", "log_threshold")
 BANDWIDTH = 0.5  # wide, so that the threshold's straight-through window catches pairs
@@ -83,8 +84,8 @@ def test_matches_reference_fp32(activation, n, d, n_t, k):
 
 
 def test_k_beyond_the_register_list_takes_the_dense_fallback():
-    k = gate_triton.MAX_K_PAD + 4
-    assert gate_triton.fwd_config(k, torch.float32) is None
+    k = configs.MAX_K_PAD + 4
+    assert configs.fwd_config(k, torch.float32) is None
     inputs = make_inputs(3, 8, k + 10)
     check_against_reference(inputs, k, "jumprelu", TOLERANCE[torch.float32])
 
@@ -206,11 +207,11 @@ def test_bad_arguments_are_clear_errors():
 def test_configs_fit_the_selection_kernel():
     """Every k in range gets a tile that holds its list; beyond MAX_K_PAD the fallback takes it."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        for k in range(1, gate_triton.MAX_K_PAD + 1):
-            cfg = gate_triton.fwd_config(k, dtype)
+        for k in range(1, configs.MAX_K_PAD + 1):
+            cfg = configs.fwd_config(k, dtype)
             assert cfg.k_pad >= k and cfg.block_t >= cfg.k_pad
-        assert gate_triton.fwd_config(gate_triton.MAX_K_PAD + 1, dtype) is None
-    names = {b.name for b in gate_triton.gpu_report_builds()}
+        assert configs.fwd_config(configs.MAX_K_PAD + 1, dtype) is None
+    names = {b.name for b in gate_builds.gpu_report_builds()}
     assert {"gate_topk_fwd", "gate_topk_merge", "gate_bwd_dx", "gate_bwd_dw"} <= names
 
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from molt_kernels import gpu_report
-from molt_kernels.gpu_report import (
+from molt_kernels.tools import gpu_report
+from molt_kernels.tools.gpu_report import (
     KernelBuild,
     ReportRow,
     check_limits,
@@ -183,14 +183,14 @@ def fake_ops(monkeypatch: pytest.MonkeyPatch, tmp_path):
         del sys.modules[name]
 
 
-def test_collect_builds_imports_each_triton_module(fake_ops) -> None:
-    fake_ops("zz_b", {"triton.py": "def gpu_report_builds():\n    return ['b1', 'b2']\n"})
-    fake_ops("zz_a", {"triton.py": "def gpu_report_builds():\n    return ['a1']\n"})
-    fake_ops("zz_torch_only", {"torch.py": ""})
+def test_collect_builds_imports_each_builds_module(fake_ops) -> None:
+    fake_ops("zz_b", {"builds.py": "def gpu_report_builds():\n    return ['b1', 'b2']\n"})
+    fake_ops("zz_a", {"builds.py": "def gpu_report_builds():\n    return ['a1']\n"})
+    fake_ops("zz_torch_only", {"pytorch.py": ""})
     assert gpu_report.collect_builds() == ["a1", "b1", "b2"]
 
 
 def test_collect_builds_fails_on_broken_module(fake_ops) -> None:
-    fake_ops("zz_broken", {"triton.py": "import zz_no_such_module\n"})
+    fake_ops("zz_broken", {"builds.py": "import zz_no_such_module\n"})
     with pytest.raises(ImportError):
         gpu_report.collect_builds()

@@ -18,9 +18,11 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from molt_kernels import MOLT, MOLTConfig  # noqa: E402
-from molt_kernels import functional as MF  # noqa: E402
+from molt_kernels.layers import functional as MF  # noqa: E402
+from molt_kernels.ops import configs  # noqa: E402
+from molt_kernels.ops.lowrank_mixture import builds as lowrank_builds  # noqa: E402
+from molt_kernels.ops.lowrank_mixture import launch as triton_impl  # noqa: E402
 from molt_kernels.ops.lowrank_mixture import lowrank_mixture_triton  # noqa: E402
-from molt_kernels.ops.lowrank_mixture import triton as triton_impl  # noqa: E402
 
 TOLERANCE = {
     torch.float64: 1e-10,
@@ -213,8 +215,8 @@ def test_op_registration() -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("molt_kernels.ops.gate_topk.triton") is None,
-    reason="the triton gate op (molt_kernels.ops.gate_topk.triton) has not landed",
+    importlib.util.find_spec("molt_kernels.ops.gate_topk.autograd") is None,
+    reason="the triton gate op (molt_kernels.ops.gate_topk.autograd) has not landed",
 )
 def test_module_on_triton_backend() -> None:
     cfg = MOLTConfig(d_in=24, d_out=20, rank_counts={48: 2, 32: 4}, k=3)
@@ -261,26 +263,26 @@ def test_split_chunks_cover_every_block_once(splits: int) -> None:
 @pytest.mark.parametrize("rank", [1, 32, 48, 512])
 @pytest.mark.parametrize("rows", [0.0, 3.0, 1e6])
 def test_bucket_config_is_valid(rank: int, dtype: torch.dtype, rows: float) -> None:
-    cfg = triton_impl.bucket_config(rank, 2304, 7, dtype, rows)
-    assert triton_impl.MIN_TILE <= cfg.block_m <= triton_impl.MAX_BLOCK_M
+    cfg = configs.bucket_config(rank, 2304, 7, dtype, rows)
+    assert configs.MIN_TILE <= cfg.block_m <= configs.MAX_BLOCK_M
     for launch in (cfg.shrink_fwd, cfg.expand_fwd, cfg.shrink_bwd, cfg.expand_bwd,
                    cfg.grad_u, cfg.grad_v):
-        assert all(t >= triton_impl.MIN_TILE for t in launch.tiles.values())
+        assert all(t >= configs.MIN_TILE for t in launch.tiles.values())
         assert launch.tiles["BLOCK_M"] == cfg.block_m
         assert launch.num_stages >= 1
     assert cfg.block_m % cfg.grad_u.tiles["BLOCK_K"] == 0
 
 
 def test_block_m_follows_rows_per_transform() -> None:
-    sizes = [triton_impl.bucket_config(512, 2304, 2304, torch.bfloat16, rows).block_m
+    sizes = [configs.bucket_config(512, 2304, 2304, torch.bfloat16, rows).block_m
              for rows in (1, 64, 1e5)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    low = triton_impl.bucket_config(32, 2304, 2304, torch.bfloat16, 1e5).block_m
+    low = configs.bucket_config(32, 2304, 2304, torch.bfloat16, 1e5).block_m
     assert low < sizes[-1]
 
 
 def test_gpu_report_builds_cover_every_kernel() -> None:
-    builds = triton_impl.gpu_report_builds()
+    builds = lowrank_builds.gpu_report_builds()
     names = {b.name for b in builds}
     assert names == {"lowrank_shrink", "lowrank_expand", "lowrank_xty", "lowrank_partial_sum",
                      "lowrank_slot_sum"}
@@ -290,11 +292,11 @@ def test_gpu_report_builds_cover_every_kernel() -> None:
 
 def test_biggest_tile_compiles_to_wgmma_without_spills() -> None:
     # compile_builds compiles in fresh workers without the interpreter, so it works from here.
-    from molt_kernels.gpu_report import check_limits, compile_builds
+    from molt_kernels.tools.gpu_report import check_limits, compile_builds
 
     big = next(
         b
-        for b in triton_impl.gpu_report_builds()
+        for b in lowrank_builds.gpu_report_builds()
         if b.name == "lowrank_shrink" and b.config.startswith("bf16,R=512,BACKWARD=1,BLOCK_M=128")
     )
     (row,) = compile_builds([big], ["sm_90"], jobs=1)

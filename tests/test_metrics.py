@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from molt_kernels import MOLT, MOLTConfig
-from molt_kernels.metrics import (
+from molt_kernels.interp.metrics import (
     DeadTracker,
     fvu,
     jacobian_cosine,
@@ -13,7 +13,7 @@ from molt_kernels.metrics import (
     normalized_mse,
     transcoder_jacobian,
 )
-from molt_kernels.transcoder import TopKTranscoder, TranscoderConfig
+from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig
 
 
 def per_token_autograd_jacobian(layer, x):

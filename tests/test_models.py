@@ -14,7 +14,7 @@ gt_minilm = pytest.importorskip(
 
 from safetensors.torch import load_file  # noqa: E402
 
-from molt_kernels.models import load_minilm, minilm_mlp_path  # noqa: E402
+from molt_kernels.interp.models import load_minilm, minilm_mlp_path  # noqa: E402
 
 SENTENCES = [
     "A man is eating food.",

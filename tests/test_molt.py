@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import molt_kernels.functional as MF
+import molt_kernels.layers.functional as MF
 from molt_kernels import MOLT, MOLTConfig
-from molt_kernels.backend import ENV_VAR, resolve_backend
-from molt_kernels.testing import TOLERANCE, compare_to_reference, relative_error
-from molt_kernels.verify import random_config
+from molt_kernels.layers.backend import ENV_VAR, resolve_backend
+from molt_kernels.tools.testing import TOLERANCE, compare_to_reference, relative_error
+from molt_kernels.tools.verify import random_config
 
 LAYOUTS = [
     {6: 3},

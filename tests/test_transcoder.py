@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import molt_kernels.functional as MF
+import molt_kernels.layers.functional as MF
 from molt_kernels import MOLT, MOLTConfig
-from molt_kernels.testing import TOLERANCE, compare_to_reference, relative_error
-from molt_kernels.transcoder import TopKTranscoder, TranscoderConfig, transcoder_decode
+from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig, transcoder_decode
+from molt_kernels.tools.testing import TOLERANCE, compare_to_reference, relative_error
 
 
 def randomized(cfg, dtype=torch.float64):

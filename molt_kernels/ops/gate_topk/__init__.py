@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .pytorch import gate_topk_torch
 from .reference import gate_topk_reference
-from .torch import gate_topk_torch
 
 
 def gate_topk(
@@ -31,7 +31,7 @@ def gate_topk(
     elif backend == "torch":
         impl = gate_topk_torch
     elif backend == "triton":
-        from .triton import gate_topk_triton as impl
+        from .autograd import gate_topk_triton as impl
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return impl(x, W_gate, b_gate, k, activation, log_threshold, bandwidth)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+ACTIVATIONS = ("relu", "jumprelu", "identity")
+
 
 def jumprelu_threshold_grad(
     grad_out: Tensor, pre: Tensor, theta: Tensor, bandwidth: float

@@ -90,6 +90,6 @@ def route_pairs(
 
         if load_extension() is not None:
             return route_pairs_cuda(indices, keep, bucket_sizes, block_m)
-    from .torch import route_pairs_torch
+    from .pytorch import route_pairs_torch
 
     return route_pairs_torch(indices, keep, bucket_sizes, block_m)

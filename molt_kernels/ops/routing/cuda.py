@@ -2,9 +2,10 @@
 
 The extension is compiled with torch.utils.cpp_extension.load the first time it is asked for (then
 cached by torch's build directory) and registers ``torch.ops.molt_kernels.route_pairs_cuda``. It
-needs a CUDA build of torch, a CUDA device, nvcc and the csrc/ sources of a repository checkout;
-without any of them :func:`load_extension` returns None and callers use ``route_pairs_torch``,
-whose output is bit-identical.
+needs a CUDA build of torch, a CUDA device, nvcc and the csrc/ sources, which ship inside the
+package (``molt_kernels/csrc``: a link to the repository's top-level csrc/ in a checkout, copied
+files in a wheel). Without any of them :func:`load_extension` returns None and callers use
+``route_pairs_torch``, whose output is bit-identical; a CUDA user is told why once, as a warning.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from . import Routing, region_starts
 
 log = logging.getLogger(__name__)
 
-# molt_kernels/ops/routing/cuda.py -> the repository root, which holds csrc/ beside molt_kernels/.
-CSRC = Path(__file__).resolve().parents[3] / "csrc"
+# molt_kernels/ops/routing/cuda.py -> molt_kernels/csrc.
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("routing.cu", "routing_torch.cpp")
 EXTENSION_NAME = "molt_kernels_routing"
 
@@ -36,10 +37,13 @@ def unavailable_reason() -> str | None:
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
-        return "no CUDA toolkit (nvcc) found"
+        return (
+            f"no CUDA toolkit (nvcc) found: install the CUDA toolkit {torch.version.cuda} (nvcc) "
+            "and set CUDA_HOME to it"
+        )
     missing = [name for name in SOURCES if not (CSRC / name).is_file()]
     if missing:
-        return f"sources {missing} not found under {CSRC} (not a repository checkout)"
+        return f"sources {missing} not found under {CSRC}: reinstall molt_kernels"
     return None
 
 
@@ -47,12 +51,14 @@ def unavailable_reason() -> str | None:
 def load_extension() -> ModuleType | None:
     """``torch.ops.molt_kernels`` with ``route_pairs_cuda`` built and loaded, or None.
 
-    None (the reason logged at debug level, or as a warning when a build fails) means: use
-    ``route_pairs_torch``. Cached: the build is attempted once per process.
+    None means: use ``route_pairs_torch``. On a CUDA device the reason is logged once, as a
+    warning (without a device or with CPU-only torch nothing is said: there is nothing to fix).
+    Cached: the build is attempted once per process.
     """
     reason = unavailable_reason()
     if reason is not None:
-        log.debug("CUDA routing extension unavailable: %s", reason)
+        if torch.cuda.is_available():
+            log.warning("CUDA routing extension unavailable, using PyTorch routing: %s", reason)
         return None
     from torch.utils.cpp_extension import load
 

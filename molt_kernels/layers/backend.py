@@ -7,21 +7,14 @@ CPU tensors only under ``TRITON_INTERPRET=1`` (that is how its tests run without
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+from ..ops.runtime import triton_importable, triton_interpreting
+
 BACKENDS = ("reference", "torch", "triton")
 ENV_VAR = "MOLT_KERNELS_BACKEND"
-
-
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_runs_on(device: torch.device) -> bool:

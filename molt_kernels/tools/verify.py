@@ -9,9 +9,10 @@ import sys
 
 import torch
 
-from .backend import available_backends
-from .config import ACTIVATIONS, MOLTConfig
-from .modules import MOLT
+from ..layers.backend import available_backends
+from ..layers.config import MOLTConfig
+from ..layers.molt import MOLT
+from ..ops.gate_topk.activation import ACTIVATIONS
 from .testing import TOLERANCE, compare_to_reference
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}

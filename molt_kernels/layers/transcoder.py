@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.dtypes import compute_dtype
+from ..ops.validation import check_indices, check_positive_int, check_tensor, check_x
 from . import functional as MF
 from .backend import check_backend_name, resolve_backend
-from .config import _check_positive_int
-from .functional import _check_tensor, _check_x, check_indices, compute_dtype
 from .io import PretrainedLayer
 
 
@@ -44,12 +44,12 @@ class TranscoderConfig:
     skip: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive_int("d_in", self.d_in)
+        check_positive_int("d_in", self.d_in)
         if self.d_out is None:
             object.__setattr__(self, "d_out", self.d_in)
-        _check_positive_int("d_out", self.d_out)
-        _check_positive_int("n_features", self.n_features)
-        _check_positive_int("k", self.k)
+        check_positive_int("d_out", self.d_out)
+        check_positive_int("n_features", self.n_features)
+        check_positive_int("k", self.k)
         if self.k > self.n_features:
             raise ValueError(f"k must be in [1, n_features={self.n_features}], got {self.k}")
         if not isinstance(self.skip, bool):
@@ -85,13 +85,13 @@ def _check_decode_args(
         raise ValueError("W_dec must be a 2-d tensor [F, d_out]")
     n_features, d_out = W_dec.shape
     if W_skip is None:
-        _check_x(x, x.shape[-1])
+        check_x(x, x.shape[-1])
     else:
         if not isinstance(W_skip, Tensor) or W_skip.dim() != 2:
             raise ValueError("W_skip must be a 2-d tensor [d_out, d_in] or None")
-        _check_x(x, W_skip.shape[1])
-        _check_tensor("W_skip", W_skip, (d_out, x.shape[-1]), x.device)
-    _check_tensor("b_dec", b_dec, (d_out,), x.device)
+        check_x(x, W_skip.shape[1])
+        check_tensor("W_skip", W_skip, (d_out, x.shape[-1]), x.device)
+    check_tensor("b_dec", b_dec, (d_out,), x.device)
     check_indices(x, acts, "acts", indices, n_features, "n_features")
 
 
@@ -193,7 +193,7 @@ class TopKTranscoder(PretrainedLayer, nn.Module):
     def decode(self, x: Tensor, acts: Tensor, indices: Tensor) -> Tensor:
         """y [..., d_out] from the (acts, indices) of :meth:`encode`; x [..., d_in] feeds the
         skip connection (same signature as :meth:`molt_kernels.MOLT.decode`)."""
-        _check_x(x, self.cfg.d_in)
+        check_x(x, self.cfg.d_in)
         return transcoder_decode(
             x, acts, indices, self.W_dec, self.b_dec, self.W_skip, self.backend
         )

@@ -6,37 +6,9 @@ with the ``cuobjdump`` that ships inside the triton wheel and the spill counts f
 prints one row per (kernel, config, arch). It exits non-zero when any kernel fails to compile,
 spills to local memory, or needs more shared memory than the target allows per block.
 
-Registry
---------
-Each kernel module ``molt_kernels/ops/<op>/triton.py`` exposes ``gpu_report_builds()``, returning
-one :class:`KernelBuild` per (kernel, config) its launch code can use::
-
-    from molt_kernels.gpu_report import KernelBuild
-
-    def gpu_report_builds() -> list[KernelBuild]:
-        return [
-            KernelBuild(
-                name="gate_topk_fwd",
-                config=f"BLOCK_N={bn},BLOCK_T=128,w4s3",
-                fn=_gate_topk_fwd_kernel,  # the bare @triton.jit function, not an autotuner
-                signature={"x": "*bf16", "w": "*bf16", "out": "*i64", "M": "i32",
-                           "stride_x": "i32:16", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr"},
-                constexprs={"BLOCK_N": bn, "BLOCK_T": 128},
-                num_warps=4,
-                num_stages=3,
-            )
-            for bn in (32, 64)
-        ]
-
-``signature`` names every parameter of ``fn``. At launch the JIT specialises arguments that are
-multiples of 16 (pointers to torch allocations, most strides), and vectorised loads, cp.async and
-hence pipelined shared memory depend on it, so the report must see the same hints: pointers are
-compiled as 16-byte aligned, and an integer type takes the suffix ``:16`` ("i32:16", the notation
-of Triton's AOT compiler) where the launch code guarantees a multiple of 16. Without it a strided
-tile compiles unpipelined and its shared memory is under-reported.
-
-:func:`collect_builds` imports every ``molt_kernels.ops.<op>.triton`` that exists; an import error
-there fails the report.
+The kernels come from :func:`molt_kernels.ops.registry.collect_builds`: each op folder's
+``builds.py`` lists one :class:`~molt_kernels.ops.registry.KernelBuild` per (kernel, config) its
+launch code can use.
 """
 
 from __future__ import annotations
@@ -58,10 +30,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import triton
+from ..ops.registry import KernelBuild, collect_builds
 
 # Opt-in maximum of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), which is
 # what Triton's launcher compares ``metadata.shared`` against.
@@ -71,19 +41,6 @@ SHARED_MEM_LIMITS: dict[str, int] = {
     "sm_89": 99 * 1024,
     "sm_90": 227 * 1024,
 }
-
-
-@dataclass(frozen=True)
-class KernelBuild:
-    """One (kernel, launch config) that the package's launch code can use."""
-
-    name: str                      # kernel name, e.g. "gate_topk_fwd"
-    config: str                    # human label of the launch config, e.g. "BLOCK_N=64,w4s3"
-    fn: triton.JITFunction
-    signature: dict[str, str]      # every parameter of fn -> triton type ("*bf16", "i32:16", ...)
-    constexprs: dict[str, object]  # values of the constexpr parameters
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 @dataclass(frozen=True)
@@ -154,29 +111,6 @@ def render_table(rows: Sequence[ReportRow]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )
-
-
-def collect_builds() -> list[KernelBuild]:
-    """Every build from ``gpu_report_builds()`` of each ``molt_kernels.ops.<op>.triton``."""
-    import molt_kernels.ops as ops
-
-    # A folder scan rather than pkgutil.iter_modules, which skips op folders without __init__.py.
-    op_names = sorted({
-        entry.name
-        for folder in ops.__path__
-        for entry in Path(folder).iterdir()
-        if entry.is_dir() and entry.name.isidentifier() and not entry.name.startswith("__")
-    })
-    builds: list[KernelBuild] = []
-    for op in op_names:
-        module_name = f"{ops.__name__}.{op}.triton"
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
-        if not hasattr(module, "gpu_report_builds"):
-            raise AttributeError(f"{module_name} defines no gpu_report_builds()")
-        builds.extend(module.gpu_report_builds())
-    return builds
 
 
 def compile_builds(

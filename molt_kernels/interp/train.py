@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..layers.molt import MOLT
 from .metrics import DeadTracker, fvu, l0
-from .modules import MOLT
 
 PENALTY_FORMS = ("tanh", "l1")
 

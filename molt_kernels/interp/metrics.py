@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .config import MOLTConfig
+from ..layers.config import MOLTConfig
 
 
 def fvu(pred: Tensor, target: Tensor) -> Tensor:

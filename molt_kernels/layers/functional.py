@@ -10,45 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
+from ..ops.dtypes import accumulator_dtype, compute_dtype
+from ..ops.gate_topk import gate_topk as _gate_topk
+from ..ops.lowrank_mixture import lowrank_mixture as _lowrank_mixture
+from ..ops.validation import check_gate_activation, check_indices, check_k, check_tensor, check_x
 from .backend import resolve_backend
-from .config import ACTIVATIONS
-from .ops.gate_topk import gate_topk as _gate_topk
-from .ops.lowrank_mixture import lowrank_mixture as _lowrank_mixture
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 for half inputs on the CPU (half matmuls are ~100x slower there), else x's dtype."""
-    if x.dtype in _HALF and x.device.type == "cpu":
-        return torch.float32
-    return x.dtype
-
-
-def _check_tensor(
-    name: str, t: object, shape: tuple[int | None, ...], device: torch.device
-) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}: move them to one device")
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
-
-
-def _check_x(x: object, d_in: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != d_in:
-        raise ValueError(f"x must have shape [..., d_in={d_in}], got {list(x.shape)}")
 
 
 def _check_gate_args(
@@ -62,20 +30,13 @@ def _check_gate_args(
     if not isinstance(W_gate, Tensor) or W_gate.dim() != 2:
         raise ValueError("W_gate must be a 2-d tensor [T, d_in]")
     n_transforms, d_in = W_gate.shape
-    _check_x(x, d_in)
-    _check_tensor("W_gate", W_gate, (n_transforms, d_in), x.device)
-    _check_tensor("b_gate", b_gate, (n_transforms,), x.device)
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int or None, got {type(k).__name__}")
-        if not 1 <= k <= n_transforms:
-            raise ValueError(f"k must be in [1, T={n_transforms}] or None, got {k}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_x(x, d_in)
+    check_tensor("W_gate", W_gate, (n_transforms, d_in), x.device)
+    check_tensor("b_gate", b_gate, (n_transforms,), x.device)
+    check_k(k, n_transforms)
+    check_gate_activation(activation, log_threshold)
     if activation == "jumprelu":
-        if log_threshold is None:
-            raise ValueError("activation 'jumprelu' needs log_threshold [T]")
-        _check_tensor("log_threshold", log_threshold, (n_transforms,), x.device)
+        check_tensor("log_threshold", log_threshold, (n_transforms,), x.device)
     return n_transforms
 
 
@@ -102,7 +63,7 @@ def gate_topk(
     W, b = W_gate, b_gate
     if backend != "triton":
         # Triton kernels read half inputs as they are and accumulate in fp32 themselves.
-        dtype = torch.float32 if x.dtype in _HALF else x.dtype
+        dtype = accumulator_dtype(x.dtype)
         x2, W, b = x2.to(dtype), W.to(dtype), b.to(dtype)
     gates, indices = _gate_topk(x2, W, b, k, activation, log_threshold, bandwidth, backend)
     return gates.reshape(*lead, gates.shape[-1]), indices.reshape(*lead, indices.shape[-1])
@@ -125,42 +86,15 @@ def _check_decode_args(
             if not isinstance(t, Tensor) or t.dim() != 3:
                 raise ValueError(f"{name}[{b}] must be a 3-d tensor {layout}")
     d_in, d_out = V[0].shape[2], U[0].shape[1]
-    _check_x(x, d_in)
+    check_x(x, d_in)
     n_transforms = 0
     for b, (u, v) in enumerate(zip(U, V)):
         n, r = v.shape[0], v.shape[1]
-        _check_tensor(f"V[{b}]", v, (n, r, d_in), x.device)
-        _check_tensor(f"U[{b}]", u, (n, d_out, r), x.device)
+        check_tensor(f"V[{b}]", v, (n, r, d_in), x.device)
+        check_tensor(f"U[{b}]", u, (n, d_out, r), x.device)
         n_transforms += n
-    _check_tensor("b_dec", b_dec, (d_out,), x.device)
+    check_tensor("b_dec", b_dec, (d_out,), x.device)
     check_indices(x, gates, "gates", indices, n_transforms, "T")
-
-
-def check_indices(
-    x: Tensor, values: Tensor, values_name: str, indices: Tensor, n_units: int, units_name: str
-) -> None:
-    """Check values [..., k] (floating) and indices [..., k] int64 beside x [..., d], ids in
-    [0, n_units). On CUDA, or while compiling, the range check is a device-side assert: a host
-    check would synchronise the hot path and break graphs."""
-    _check_tensor(values_name, values, tuple(x.shape[:-1]) + (None,), x.device)
-    if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
-        raise TypeError(
-            f"indices must be an int64 tensor, got {getattr(indices, 'dtype', indices)}"
-        )
-    if indices.shape != values.shape or indices.device != x.device:
-        raise ValueError(
-            f"indices must match {values_name}: shape {list(values.shape)} on {x.device}, "
-            f"got {list(indices.shape)} on {indices.device}"
-        )
-    if indices.numel() == 0:
-        return
-    in_range = (indices.min() >= 0) & (indices.max() < n_units)
-    message = f"indices must lie in [0, {units_name}={n_units})"
-    if indices.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(in_range):
-            raise ValueError(message)
-    else:
-        torch._assert_async(in_range, message)
 
 
 def lowrank_mixture(
@@ -186,7 +120,7 @@ def lowrank_mixture(
     if backend == "triton":
         # Kernels take x and weights in x's dtype and keep the gates in fp32 (fp64 stays fp64).
         dtype = x.dtype
-        g2 = g2.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        g2 = g2.to(accumulator_dtype(dtype))
     else:
         dtype = compute_dtype(x)
         g2 = g2.to(dtype)

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ACTIVATIONS = ("relu", "jumprelu", "identity")
+from ..ops.validation import check_activation, check_k, check_positive_int
+
 PAPER_MAX_RANK = 512
 PAPER_BUCKETS = 5
 
@@ -73,29 +74,22 @@ class MOLTConfig:
     counts: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_positive_int("d_in", self.d_in)
+        check_positive_int("d_in", self.d_in)
         if self.d_out is None:
             object.__setattr__(self, "d_out", self.d_in)
-        _check_positive_int("d_out", self.d_out)
+        check_positive_int("d_out", self.d_out)
         if not isinstance(self.rank_counts, Mapping) or len(self.rank_counts) == 0:
             raise ValueError(
                 f"rank_counts must be a non-empty mapping {{rank: count}}, got {self.rank_counts!r}"
             )
         for rank, count in self.rank_counts.items():
-            _check_positive_int("rank_counts rank", rank)
-            _check_positive_int(f"rank_counts[{rank}] (transform count)", count)
+            check_positive_int("rank_counts rank", rank)
+            check_positive_int(f"rank_counts[{rank}] (transform count)", count)
         object.__setattr__(self, "rank_counts", dict(self.rank_counts))
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.rank_counts))
         object.__setattr__(self, "counts", tuple(int(c) for c in self.rank_counts.values()))
-        if self.k is not None:
-            if isinstance(self.k, bool) or not isinstance(self.k, int):
-                raise TypeError(f"k must be an int or None, got {type(self.k).__name__}")
-            if not 1 <= self.k <= self.n_transforms:
-                raise ValueError(
-                    f"k must be in [1, n_transforms={self.n_transforms}] or None, got {self.k}"
-                )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        check_k(self.k, self.n_transforms, "n_transforms")
+        check_activation(self.activation)
         if not (isinstance(self.jumprelu_bandwidth, (int, float)) and self.jumprelu_bandwidth > 0):
             raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth!r}")
         if self.init_l0 is not None and not 0 < self.init_l0 <= self.n_transforms:
@@ -166,13 +160,6 @@ class MOLTConfig:
         if unknown:
             raise ValueError(f"unknown MOLTConfig fields: {sorted(unknown)}")
         return cls(**d)
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def normal_quantile(p: float) -> float:

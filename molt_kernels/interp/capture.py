@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from molt_kernels.models.minilm import MiniLM
-from molt_kernels.replace import get_module
+from molt_kernels.interp.models.minilm import MiniLM
+from molt_kernels.interp.replace import get_module
 
 Prepare = Callable[[list[str]], tuple[dict[str, Tensor], Tensor]]
 """texts -> (keyword arguments of ``model``, keep mask [B, T] bool over token positions)."""

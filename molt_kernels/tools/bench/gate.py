@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.gate_topk.torch import gate_topk_torch
+from ...ops.gate_topk.pytorch import gate_topk_torch
 
 GRID_T = (1024, 16384, 65536)
 GRID_D = (768, 2304)
@@ -22,6 +22,7 @@ GRID_K = (32, 128)
 TOKENS = {"cpu": 256, "cuda": 8192}
 INDEX_BYTES = 8  # int64 indices
 GATE_BYTES = 4  # the fused op's gates are fp32
+
 
 
 def unfused(x: Tensor, W: Tensor, b: Tensor, k: int):
@@ -33,7 +34,7 @@ def torch_backend(x: Tensor, W: Tensor, b: Tensor, k: int):
 
 
 def triton_op(x: Tensor, W: Tensor, b: Tensor, k: int):
-    from .ops.gate_topk.triton import gate_topk_triton
+    from ..ops.gate_topk.triton import gate_topk_triton
 
     return gate_topk_triton(x, W, b, k, "relu", None, 0.0)
 

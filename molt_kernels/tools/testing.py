@@ -1,7 +1,7 @@
 """Checking backends against the float64 naive reference; used by the tests and `verify`.
 
-Policy (DESIGN.md §6): relative error ||out - ref|| / ||ref|| of the output and of every gradient,
-against the reference run in float64 on the same parameters and input.
+Policy (README.md, "Testing"): relative error ||out - ref|| / ||ref|| of the output and of every
+gradient, against the reference run in float64 on the same parameters and input.
 """
 
 from __future__ import annotations

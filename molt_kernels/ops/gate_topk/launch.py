@@ -1,0 +1,233 @@
+"""Launch code of the fused gate: buffers, grids and configs (from ``ops.configs``) per call."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from ..configs import (
+    BWD,
+    MERGE_BLOCK_N,
+    MERGE_NUM_WARPS,
+    dense_config,
+    fwd_config,
+    split_count,
+)
+from ..dtypes import HALF, accumulator_dtype
+from ..routing import route_pairs
+from ..runtime import triton_interpreting
+from .activation import jumprelu_threshold_grad
+from .kernels import (
+    _gate_bwd_dw_kernel,
+    _gate_bwd_dw_reduce_kernel,
+    _gate_bwd_dx_kernel,
+    _gate_dense_fwd_kernel,
+    _gate_pairs_bwd_kernel,
+    _gate_pairs_fwd_kernel,
+    _gate_topk_fwd_kernel,
+    _gate_topk_merge_kernel,
+)
+from .pytorch import topk_lowest_index
+
+
+def _dot_fp32(x_dtype: torch.dtype) -> bool:
+    # triton 3.9's interpreter multiplies bf16 tiles as their raw uint16 bits in tl.dot; on the
+    # GPU the tiles always go to the tensor cores in their own dtype.
+    return x_dtype == torch.bfloat16 and triton_interpreting()
+
+
+def _kernel_weight(W: Tensor, x_dtype: torch.dtype) -> Tensor:
+    """W as the kernels read it: its own dtype when that is x's or fp32 under half x (cast per
+    tile, saving a copy), else a copy in x's dtype; unit inner stride."""
+    keep = W.dtype == x_dtype or (W.dtype == torch.float32 and x_dtype in HALF)
+    return (W if keep else W.to(x_dtype)).contiguous()
+
+
+def _theta(
+    activation: str, log_threshold: Tensor | None, acc: torch.dtype, placeholder: Tensor
+) -> Tensor:
+    """theta = exp(log_threshold) in log_threshold's dtype, then cast: exactly the torch
+    backend's. Without jumprelu the kernels never read it and get ``placeholder``."""
+    if activation != "jumprelu":
+        return placeholder
+    return log_threshold.exp().to(acc).contiguous()
+
+
+def _prepare(
+    x: Tensor, W: Tensor, b: Tensor, log_threshold: Tensor | None, activation: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, W, b, theta as the kernels read them (see _kernel_weight); b and theta in the
+    accumulation dtype."""
+    acc = accumulator_dtype(x.dtype)
+    b = b.to(acc).contiguous()
+    return x.contiguous(), _kernel_weight(W, x.dtype), b, _theta(activation, log_threshold, acc, b)
+
+
+def _forward_dense(x: Tensor, W: Tensor, b: Tensor, theta: Tensor, activation: str) -> Tensor:
+    n, d = x.shape
+    n_t = W.shape[0]
+    gates = torch.empty(n, n_t, dtype=b.dtype, device=x.device)
+    if n == 0 or n_t == 0:
+        return gates
+    cfg = dense_config(x.dtype)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(n_t, cfg.block_t))
+    _gate_dense_fwd_kernel[grid](
+        x, W, b, theta, gates, n, d, n_t, x.stride(0), W.stride(0),
+        ACTIVATION=activation, DOT_FP32=_dot_fp32(x.dtype), BLOCK_N=cfg.block_n,
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return gates
+
+
+def _forward_topk(
+    x: Tensor, W: Tensor, b: Tensor, theta: Tensor, k: int, activation: str, split_t: int
+) -> tuple[Tensor, Tensor]:
+    n, d = x.shape
+    n_t = W.shape[0]
+    gates = torch.empty(n, k, dtype=b.dtype, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return gates, indices
+    cfg = fwd_config(k, x.dtype)
+    if cfg is None:
+        # k beyond the register budget: materialise the activations and select with PyTorch.
+        acts = _forward_dense(x, W, b, theta, activation)
+        indices = topk_lowest_index(acts, k)
+        return acts.gather(1, indices), indices
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    n_tiles = triton.cdiv(n_t, cfg.block_t)
+    split = min(split_t or split_count(n_blocks, n_tiles, x.device), n_tiles)
+    t_per_split = triton.cdiv(n_tiles, split) * cfg.block_t
+    split = triton.cdiv(n_t, t_per_split)
+    # Partial lists only exist with a split; without one the kernel never touches ``part``.
+    part = torch.empty(split if split > 1 else 0, n, cfg.k_pad, dtype=torch.int64,
+                       device=x.device)
+    _gate_topk_fwd_kernel[(n_blocks, split)](
+        x, W, b, theta, gates, indices, part, n, d, n_t, k, t_per_split, x.stride(0),
+        W.stride(0), n * cfg.k_pad, ACTIVATION=activation, DOT_FP32=_dot_fp32(x.dtype),
+        BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, K_PAD=cfg.k_pad,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        _gate_topk_merge_kernel[(triton.cdiv(n, MERGE_BLOCK_N),)](
+            part, gates, indices, n, k, split, n * cfg.k_pad, BLOCK_N=MERGE_BLOCK_N,
+            K_PAD=cfg.k_pad, num_warps=MERGE_NUM_WARPS,
+        )
+    if gates.dtype == torch.float64:
+        # The keys ranked fp32-rounded values; the gates themselves are recomputed in fp64.
+        _gate_pairs_fwd_kernel[(triton.cdiv(n * k, BWD.pair_block_p),)](
+            x, W, b, theta, indices, gates, n * k, k, d, x.stride(0), W.stride(0),
+            ACTIVATION=activation, BLOCK_P=BWD.pair_block_p, BLOCK_D=BWD.pair_block_d,
+            num_warps=BWD.num_warps,
+        )
+    return gates, indices
+
+
+def _backward_topk(
+    dgates: Tensor, gates: Tensor, indices: Tensor, x: Tensor, W: Tensor, b: Tensor,
+    theta: Tensor, activation: str, bandwidth: float, need_dx: bool, need_params: bool,
+    threshold_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dW, db, d log_threshold) from the N*k selected pairs only; None where not asked for.
+
+    dW and dx in W's and x's dtypes, db and d log_threshold in the gates' (fp32 or fp64).
+    """
+    n, k = indices.shape
+    n_t, d = W.shape
+    device = x.device
+    n_pairs = n * k
+    dpre = torch.empty(n_pairs, dtype=gates.dtype, device=device)
+    dthr = torch.empty(n_pairs if threshold_grad else 0, dtype=gates.dtype, device=device)
+    if n_pairs:
+        _gate_pairs_bwd_kernel[(triton.cdiv(n_pairs, BWD.pair_block_p),)](
+            x, W, b, theta, indices, gates, dgates, dpre, dthr, n_pairs, k, d, x.stride(0),
+            W.stride(0), bandwidth, ACTIVATION=activation, THRESHOLD_GRAD=threshold_grad,
+            BLOCK_P=BWD.pair_block_p, BLOCK_D=BWD.pair_block_d, num_warps=BWD.num_warps,
+        )
+    dx = None
+    if need_dx:
+        dx = torch.empty(n, d, dtype=x.dtype, device=device)
+        if n:
+            grid = (triton.cdiv(n, BWD.dx_block_n), triton.cdiv(d, BWD.dx_block_d))
+            _gate_bwd_dx_kernel[grid](
+                dpre, indices, W, dx, n, k, d, W.stride(0), dx.stride(0),
+                BLOCK_N=BWD.dx_block_n, BLOCK_D=BWD.dx_block_d, num_warps=BWD.num_warps,
+            )
+    if not need_params:
+        return dx, None, None, None
+    dW = torch.zeros(n_t, d, dtype=W.dtype, device=device)
+    db = torch.zeros(n_t, dtype=gates.dtype, device=device)
+    dlog = torch.zeros(n_t if threshold_grad else 0, dtype=gates.dtype, device=device)
+    if n_pairs:
+        _reduce_by_transform(x, dpre, dthr, indices, dW, db, dlog, threshold_grad)
+    return dx, dW, db, dlog if threshold_grad else None
+
+
+def _reduce_by_transform(
+    x: Tensor, dpre: Tensor, dthr: Tensor, indices: Tensor, dW: Tensor, db: Tensor,
+    dlog: Tensor, threshold_grad: bool,
+) -> None:
+    """dW[t] = sum dpre * x, db[t] = sum dpre, dlog[t] = sum dthr over t's pairs (dW, db, dlog
+    zero-filled), in the fixed pair order of route_pairs; no host synchronisation."""
+    n, k = indices.shape
+    n_t, d = dW.shape
+    bm, group = BWD.dw_block_m, BWD.dw_group
+    keep = dpre != 0
+    if threshold_grad:
+        keep |= dthr != 0
+    routing = route_pairs(indices, keep.view(n, k), (n_t,), (bm,))
+    n_blocks = (routing.pair_counts + bm - 1) // bm
+    first_block = torch.cumsum(n_blocks, 0) - n_blocks
+    n_chunks = (n_blocks + group - 1) // group
+    hot = n_blocks > group
+    chunk_sizes = torch.where(hot, n_chunks, 0)
+    chunk_base = torch.cumsum(chunk_sizes, 0) - chunk_sizes
+    # Shape-only bounds: a hot transform holds more than group * bm pairs.
+    n_pairs = n * k
+    max_hot = min(n_t, n_pairs // (group * bm + 1))
+    max_chunks = n_pairs // (group * bm) + 2 * max_hot
+    part = torch.empty(max_chunks, d, dtype=dpre.dtype, device=x.device)
+    part_s = torch.empty(max_chunks, 2, dtype=dpre.dtype, device=x.device)
+    total_blocks = routing.block_start[-1]
+    if total_blocks:
+        _gate_bwd_dw_kernel[(total_blocks,)](
+            x, dpre, dthr, routing.pair_of_row, routing.transform_of_block, first_block,
+            n_blocks, chunk_base, dW, db, dlog, part, part_s, k, d, x.stride(0), dW.stride(0),
+            THRESHOLD_GRAD=threshold_grad, BLOCK_M=bm, BLOCK_D=BWD.dw_block_d, GROUP=group,
+            num_warps=BWD.num_warps,
+        )
+    if max_hot:
+        ids = torch.arange(n_t, device=x.device)
+        hot_ids = torch.where(hot, ids, n_t).sort().values[:max_hot]
+        hot_ids = torch.where(hot_ids < n_t, hot_ids, -1)
+        _gate_bwd_dw_reduce_kernel[(max_hot,)](
+            part, part_s, hot_ids, chunk_base, n_chunks, dW, db, dlog, d, dW.stride(0),
+            THRESHOLD_GRAD=threshold_grad, BLOCK_D=BWD.dw_block_d, num_warps=BWD.num_warps,
+        )
+
+
+def _backward_dense(
+    dgates: Tensor, gates: Tensor, x: Tensor, W: Tensor, b: Tensor, theta: Tensor,
+    activation: str, bandwidth: float, need_dx: bool, need_params: bool, threshold_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of k=None in PyTorch: its [N, T] gates exist already, so dense matmuls are the
+    right tool. Same formulas as the sparse path."""
+    acc = gates.dtype
+    w = W.to(x.dtype).to(acc)  # the forward's products used W rounded to x's dtype
+    dlog = None
+    if activation == "relu":
+        dpre = torch.where(gates > 0, dgates, 0.0)
+    elif activation == "jumprelu":
+        pre = gates
+        if threshold_grad:
+            pre = torch.where(gates != 0, gates, torch.addmm(b, x.to(acc), w.T))
+            dlog = jumprelu_threshold_grad(dgates, pre, theta, bandwidth).sum(0)
+        dpre = torch.where(pre > theta, dgates, 0.0)
+    else:
+        dpre = dgates
+    dx = (dpre @ w).to(x.dtype) if need_dx else None
+    if not need_params:
+        return dx, None, None, None
+    return dx, dpre.T @ x.to(acc), dpre.sum(0), dlog

@@ -1,0 +1,2 @@
+"""The command-line tools behind ``python -m molt_kernels``: verify, bench, gpu-report, flops.
+Tools may import everything below them; nothing in the package imports the tools."""

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..ops.dtypes import accumulator_dtype, compute_dtype
-from ..ops.gate_topk import gate_topk as _gate_topk
-from ..ops.lowrank_mixture import lowrank_mixture as _lowrank_mixture
+from ..ops.gate_topk import gate_topk_backend
+from ..ops.lowrank_mixture import lowrank_mixture_backend
 from ..ops.validation import check_gate_activation, check_indices, check_k, check_tensor, check_x
 from .backend import resolve_backend
 
@@ -65,7 +65,8 @@ def gate_topk(
         # Triton kernels read half inputs as they are and accumulate in fp32 themselves.
         dtype = accumulator_dtype(x.dtype)
         x2, W, b = x2.to(dtype), W.to(dtype), b.to(dtype)
-    gates, indices = _gate_topk(x2, W, b, k, activation, log_threshold, bandwidth, backend)
+    gate = gate_topk_backend(backend)
+    gates, indices = gate(x2, W, b, k, activation, log_threshold, bandwidth)
     return gates.reshape(*lead, gates.shape[-1]), indices.reshape(*lead, indices.shape[-1])
 
 
@@ -126,7 +127,7 @@ def lowrank_mixture(
         g2 = g2.to(dtype)
     x2 = x2.to(dtype)
     Us, Vs = [u.to(dtype) for u in U], [v.to(dtype) for v in V]
-    y = _lowrank_mixture(x2, g2, i2, Us, Vs, b_dec.to(dtype), backend)
+    y = lowrank_mixture_backend(backend)(x2, g2, i2, Us, Vs, b_dec.to(dtype))
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 

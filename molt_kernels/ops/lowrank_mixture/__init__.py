@@ -2,37 +2,34 @@
 
 Backends side by side: ``reference.py`` (dense, masked; plain autograd), ``pytorch.py`` (sparse
 over the routed block layout), ``kernels.py`` + ``launch.py`` (Triton); the sparse backends'
-autograd lives in ``autograd.py``.
+autograd lives in ``autograd.py``. Every backend is a :data:`LowrankMixture`: ``(x [N, d_in],
+gates [N, k], indices [N, k] int64, U, V, b_dec) -> y [N, d_out]`` with U[b] [n_b, d_out, r_b],
+V[b] [n_b, r_b, d_in]. Floating inputs share x's dtype (triton: gates fp32, fp64 for fp64 x);
+inputs are validated by ``layers.functional``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
 from .autograd import lowrank_mixture_torch, lowrank_mixture_triton
 from .reference import lowrank_mixture_reference
 
+LowrankMixture = Callable[
+    [Tensor, Tensor, Tensor, Sequence[Tensor], Sequence[Tensor], Tensor], Tensor
+]
 
-def lowrank_mixture(
-    x: Tensor,
-    gates: Tensor,
-    indices: Tensor,
-    U: Sequence[Tensor],
-    V: Sequence[Tensor],
-    b_dec: Tensor,
-    backend: str,
-) -> Tensor:
-    """y [N, d_out] for x [N, d_in], gates [N, k], indices [N, k] int64 on a resolved backend.
 
-    All floating inputs must already share x's dtype (triton: gates fp32, fp64 for fp64 x);
-    inputs are assumed validated (``molt_kernels.functional`` does that).
-    """
-    if backend == "reference":
-        return lowrank_mixture_reference(x, gates, indices, U, V, b_dec)
-    if backend == "torch":
-        return lowrank_mixture_torch(x, gates, indices, U, V, b_dec)
-    if backend == "triton":
-        return lowrank_mixture_triton(x, gates, indices, list(U), list(V), b_dec)[0]
-    raise ValueError(f"unknown backend {backend!r}")
+def _triton(x, gates, indices, U, V, b_dec) -> Tensor:
+    return lowrank_mixture_triton(x, gates, indices, list(U), list(V), b_dec)[0]
+
+
+def lowrank_mixture_backend(backend: str) -> LowrankMixture:
+    """The decode of a resolved backend name."""
+    impls = {"reference": lowrank_mixture_reference, "torch": lowrank_mixture_torch,
+             "triton": _triton}
+    if backend not in impls:
+        raise ValueError(f"unknown backend {backend!r}")
+    return impls[backend]

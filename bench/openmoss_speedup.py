@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from molt_kernels.interop import load_openmoss, save_openmoss
 from molt_kernels.layers.config import MOLTConfig
 from molt_kernels.layers.molt import MOLT
-from molt_kernels.tools.bench import run_with_peak, step_fn
+from molt_kernels.tools.bench.measure import run_with_peak
+from molt_kernels.tools.bench.workload import step_fn
 
 SEED = 0
 
@@ -120,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     cfg = MOLTConfig.paper(args.d, args.n, args.k, scale_gate_by_norm=True)
-    print(f"load average before: {load_average()} ({os.cpu_count()} CPUs), "
-          f"{torch.get_num_threads()} torch thread(s), fp32")
+    print(
+        f"load average before: {load_average()} ({os.cpu_count()} CPUs), "
+        f"{torch.get_num_threads()} torch thread(s), fp32"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         # A MOLT in OpenMOSS's format: written, then read back by both sides.
         save_openmoss(MOLT(cfg), tmp, hook_point_in="hook_in", hook_point_out="hook_out")
@@ -133,19 +136,26 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         y_theirs, y_ours = theirs(x), ours(x)
     agreement = ((y_ours - y_theirs).norm() / y_theirs.norm()).item()
-    print(f"config: d={args.d} N={args.n} (T={cfg.n_transforms}, ranks {sorted(cfg.ranks)}) "
-          f"k={args.k}, {args.tokens} tokens; ||y_ours - y_theirs|| / ||y_theirs|| = "
-          f"{agreement:.2e}")
+    print(
+        f"config: d={args.d} N={args.n} (T={cfg.n_transforms}, ranks {sorted(cfg.ranks)}) "
+        f"k={args.k}, {args.tokens} tokens; ||y_ours - y_theirs|| / ||y_theirs|| = "
+        f"{agreement:.2e}"
+    )
     rows = []
     for mode in ("forward", "forward_backward"):
-        steps = {"openmoss": step_fn(theirs, x, grad_y, mode), "ours": step_fn(ours, x, grad_y, mode)}
+        steps = {
+            name: step_fn(layer, x, grad_y, mode)
+            for name, layer in (("openmoss", theirs), ("ours", ours))
+        }
         peaks = {name: run_with_peak(step, torch.device("cpu"))[1] for name, step in steps.items()}
         times = alternate(steps, args.repeats)
         med = {name: statistics.median(t) for name, t in times.items()}
         rows.append((mode, med, times, peaks))
     print(f"load average after: {load_average()}")
-    print("| mode | OpenMOSS dense ms (min-max) | converted, torch backend ms (min-max) | "
-          "speed-up (min-max) | peak MiB OpenMOSS / ours |")
+    print(
+        "| mode | OpenMOSS dense ms (min-max) | converted, torch backend ms (min-max) | "
+        "speed-up (min-max) | peak MiB OpenMOSS / ours |"
+    )
     print("|---|---|---|---|---|")
     for mode, med, times, peaks in rows:
         lo = min(times["openmoss"]) / max(times["ours"])
@@ -154,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{1e3 * med[n]:.0f} ({1e3 * min(times[n]):.0f}-{1e3 * max(times[n]):.0f})"
             for n in ("openmoss", "ours")
         ]
-        peak = " / ".join("?" if peaks[n] is None else f"{peaks[n] / 2**20:.0f}"
-                          for n in ("openmoss", "ours"))
-        print(f"| {mode} | {cells[0]} | {cells[1]} | {med['openmoss'] / med['ours']:.1f}x "
-              f"({lo:.1f}-{hi:.1f}) | {peak} |")
+        peak = " / ".join(
+            "?" if peaks[n] is None else f"{peaks[n] / 2**20:.0f}" for n in ("openmoss", "ours")
+        )
+        print(
+            f"| {mode} | {cells[0]} | {cells[1]} | {med['openmoss'] / med['ours']:.1f}x "
+            f"({lo:.1f}-{hi:.1f}) | {peak} |"
+        )
     return 0 if agreement < 1e-4 else 1
 
 

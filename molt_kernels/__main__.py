@@ -1,4 +1,4 @@
-"""`python -m molt_kernels <verify|bench|gpu-report|flops> [options]` (``--help`` on each)."""
+"""`python -m molt_kernels <command> [options]`: verify, bench, gpu-report, flops, convert."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "bench": ("molt_kernels.tools.bench", "time / FLOPs / memory tables against the reference"),
     "gpu-report": ("molt_kernels.tools.gpu_report", "compile every Triton kernel for sm_80/sm_90"),
     "flops": ("molt_kernels.tools.flops", "parameters and FLOPs of MOLTs and matched transcoders"),
+    "convert": ("molt_kernels.tools.convert", "OpenMOSS / crosslayer-transcoder / sparsify files"),
 }
 
 

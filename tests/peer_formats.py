@@ -119,8 +119,10 @@ def openmoss_forward(
     ranks = sorted(int(r) for r in config["rank_counts"])
     f_in = f_out = 1.0
     if config["norm_activation"] == "dataset-wise":
-        norm = {hook: tensors[f"dataset_average_activation_norm.{hook}"].item() for hook in
-                (config["hook_point_in"], config["hook_point_out"])}
+        norm = {
+            hook: tensors[f"dataset_average_activation_norm.{hook}"].item()
+            for hook in (config["hook_point_in"], config["hook_point_out"])
+        }
         f_in = math.sqrt(d_model) / norm[config["hook_point_in"]]
         f_out = math.sqrt(d_model) / norm[config["hook_point_out"]]
     x = x * f_in
@@ -128,10 +130,14 @@ def openmoss_forward(
     scaled = config["sparsity_include_decoder_norm"]
     if scaled:
         # ||U_t V_t||_F from the product itself, as their decoder_norm computes it.
-        norms = torch.cat([
-            torch.bmm(tensors[f"U_matrices.{r}"], tensors[f"V_matrices.{r}"]).flatten(1).norm(dim=1)
-            for r in ranks
-        ])
+        norms = torch.cat(
+            [
+                torch.bmm(tensors[f"U_matrices.{r}"], tensors[f"V_matrices.{r}"])
+                .flatten(1)
+                .norm(dim=1)
+                for r in ranks
+            ]
+        )
         pre = pre * norms
     act_fn = config["act_fn"]
     if act_fn == "relu":
@@ -253,7 +259,7 @@ def crosslayer_forward(
     exact_pre_grad: bool = False,
     threshold_upper_only: bool = False,
 ) -> Tensor:
-    """Their Molt.forward(x, layer)[2]: standardise, gate, every transform densely, de-standardise."""
+    """Their Molt.forward(x, layer)[2]: standardise, gate, every transform, de-standardise."""
 
     def row(name: str) -> Tensor:
         stat = model[name][layer]
@@ -262,7 +268,10 @@ def crosslayer_forward(
     xs = (x - row("input_standardizer.mean")) / row("input_standardizer.std")
     pre = xs @ model["e.weight"].T + model["e.bias"]
     gate = _CrosslayerJumpReLU.apply(
-        pre, model["nonlinearity.theta"], model["nonlinearity.bandwidth"].item(), exact_pre_grad,
+        pre,
+        model["nonlinearity.theta"],
+        model["nonlinearity.bandwidth"].item(),
+        exact_pre_grad,
         threshold_upper_only,
     )
     recons = []

@@ -8,6 +8,10 @@ tensor-exact; malformed and mismatched files are clear errors.
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,9 +37,11 @@ from molt_kernels.interop import (
 from molt_kernels.layers.config import MOLTConfig
 from molt_kernels.layers.molt import MOLT
 from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig
-from molt_kernels.testing import relative_error
+from molt_kernels.tools.convert import main as convert_main
+from molt_kernels.tools.testing import relative_error
 
 BACKENDS = ["reference", "torch", "triton"]
+ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-10
 
 
@@ -101,9 +107,9 @@ def test_openmoss_matches_their_forward_and_gradients(tmp_path, backend, order, 
     # jumprelu: their threshold gradient also counts the window below the threshold, where the gate
     # is 0; a zero gate gets no reconstruction gradient in our sparse decode, so ours is theirs
     # restricted to pre > theta (see the closing note of issue 13).
-    y_t, dx_t, g_t = run_theirs(lambda t, x: openmoss_forward(config, t, x,
-                                                              threshold_upper_only=True),
-                                tensors, x, cot)
+    y_t, dx_t, g_t = run_theirs(
+        lambda t, x: openmoss_forward(config, t, x, threshold_upper_only=True), tensors, x, cot
+    )
     y, dx, g = run_ours(layer, x, cot)
     assert_close(y, y_t, "y")
     assert_close(dx, dx_t, "d x")
@@ -142,19 +148,28 @@ def test_openmoss_file_round_trip_is_tensor_exact(tmp_path, dtype, act_fn):
     config, tensors = openmoss_file(tmp_path / "theirs", act_fn=act_fn, dtype=dtype)
     layer = load_openmoss(tmp_path / "theirs")
     assert layer.W_gate.dtype == dtype
-    save_openmoss(layer, tmp_path / "again", hook_point_in=OPENMOSS_HOOK_IN,
-                  hook_point_out=OPENMOSS_HOOK_OUT)
+    save_openmoss(
+        layer, tmp_path / "again", hook_point_in=OPENMOSS_HOOK_IN, hook_point_out=OPENMOSS_HOOK_OUT
+    )
     again = load_file(str(tmp_path / "again" / "sae_weights.safetensors"))
     assert_same_tensors(again, {n: t for n, t in tensors.items() if not n.startswith("dataset_")})
     written = json.loads((tmp_path / "again" / "config.json").read_text())
+    if act_fn != "topk":  # top_k is unused then; ours writes their default, 50
+        assert written.pop("top_k") == 50 and config.pop("top_k") == 3
     assert written == config
 
 
 def test_our_layer_round_trips_through_openmoss(tmp_path):
     # Buckets in descending rank order (the paper's): the file numbers them ascending, so the
     # loaded layer holds the same transforms under permuted ids and computes the same function.
-    cfg = MOLTConfig(d_in=8, rank_counts={4: 2, 2: 3, 1: 5}, k=None, activation="jumprelu",
-                     jumprelu_bandwidth=0.7, scale_gate_by_norm=True)
+    cfg = MOLTConfig(
+        d_in=8,
+        rank_counts={4: 2, 2: 3, 1: 5},
+        k=None,
+        activation="jumprelu",
+        jumprelu_bandwidth=0.7,
+        scale_gate_by_norm=True,
+    )
     ours = MOLT(cfg, dtype=torch.float64)
     save_openmoss(ours, tmp_path / "a", hook_point_in="in", hook_point_out="out")
     back = load_openmoss(tmp_path / "a")
@@ -169,12 +184,15 @@ def test_our_layer_round_trips_through_openmoss(tmp_path):
     assert_close(back(x), ours(x), "y")
     # Saving the loaded layer again writes the same file.
     save_openmoss(back, tmp_path / "b", hook_point_in="in", hook_point_out="out")
-    assert_same_tensors(load_file(str(tmp_path / "b" / "sae_weights.safetensors")),
-                        load_file(str(tmp_path / "a" / "sae_weights.safetensors")))
+    assert_same_tensors(
+        load_file(str(tmp_path / "b" / "sae_weights.safetensors")),
+        load_file(str(tmp_path / "a" / "sae_weights.safetensors")),
+    )
 
     # A layer already in ascending order comes back as it was.
-    cfg = MOLTConfig(d_in=8, rank_counts={1: 3, 3: 2}, k=2, scale_gate_by_norm=True,
-                     decoder_bias=False)
+    cfg = MOLTConfig(
+        d_in=8, rank_counts={1: 3, 3: 2}, k=2, scale_gate_by_norm=True, decoder_bias=False
+    )
     ours = MOLT(cfg, dtype=torch.float32)
     save_openmoss(ours, tmp_path / "c", hook_point_in="in", hook_point_out="out")
     back = load_openmoss(tmp_path / "c")
@@ -208,14 +226,26 @@ def _openmoss_tensors(change):
         (_openmoss_cfg(d_model=11), ValueError, r"'W_E' has shape \[10, 9\], expected \[11, 9\]"),
         (_openmoss_cfg(use_decoder_bias=False), ValueError, r"unexpected tensors \['b_D'\]"),
         (_openmoss_cfg(use_decoder_bias="yes"), ValueError, "use_decoder_bias' must be bool"),
-        (_openmoss_cfg(norm_activation="dataset-wise"), ValueError,
-         "dataset_average_activation_norm.blocks.3.ln2.hook_normalized must be finite"),
-        (_openmoss_tensors(lambda t: t.pop("U_matrices.2")), ValueError,
-         r"missing tensors \['U_matrices.2'\]"),
-        (_openmoss_tensors(lambda t: t.update({"V_matrices.2": t["V_matrices.2"][:2].clone()})),
-         ValueError, r"'V_matrices.2' has shape \[2, 2, 10\], expected \[3, 2, 10\]"),
-        (lambda p: (p / "sae_weights.safetensors").write_text("{}"), ValueError,
-         "not a safetensors file"),
+        (
+            _openmoss_cfg(norm_activation="dataset-wise"),
+            ValueError,
+            "dataset_average_activation_norm.blocks.3.ln2.hook_normalized must be finite",
+        ),
+        (
+            _openmoss_tensors(lambda t: t.pop("U_matrices.2")),
+            ValueError,
+            r"missing tensors \['U_matrices.2'\]",
+        ),
+        (
+            _openmoss_tensors(lambda t: t.update({"V_matrices.2": t["V_matrices.2"][:2].clone()})),
+            ValueError,
+            r"'V_matrices.2' has shape \[2, 2, 10\], expected \[3, 2, 10\]",
+        ),
+        (
+            lambda p: (p / "sae_weights.safetensors").write_text("{}"),
+            ValueError,
+            "not a safetensors file",
+        ),
     ],
 )
 def test_openmoss_malformed_files_are_clear_errors(tmp_path, corrupt, error, match):
@@ -227,8 +257,11 @@ def test_openmoss_malformed_files_are_clear_errors(tmp_path, corrupt, error, mat
 
 def test_openmoss_dataset_wise_needs_both_norms(tmp_path):
     openmoss_file(tmp_path, dataset_norms=(2.0, 3.0))
-    _rewrite_tensors(tmp_path, "sae_weights.safetensors",
-                     lambda t: t.pop(f"dataset_average_activation_norm.{OPENMOSS_HOOK_OUT}"))
+    _rewrite_tensors(
+        tmp_path,
+        "sae_weights.safetensors",
+        lambda t: t.pop(f"dataset_average_activation_norm.{OPENMOSS_HOOK_OUT}"),
+    )
     with pytest.raises(ValueError, match="hook_point_out.*missing|missing.*hook_point_out"):
         load_openmoss(tmp_path)
 
@@ -244,8 +277,12 @@ def test_save_openmoss_refuses_what_the_format_cannot_hold(tmp_path):
         with pytest.raises(ValueError, match=match):
             save_openmoss(MOLT(cfg), tmp_path, **hooks)
     with pytest.raises(ValueError, match="hook_point_in"):
-        save_openmoss(MOLT(MOLTConfig(d_in=4, rank_counts={2: 2}, k=1)), tmp_path,
-                      hook_point_in="", hook_point_out="out")
+        save_openmoss(
+            MOLT(MOLTConfig(d_in=4, rank_counts={2: 2}, k=1)),
+            tmp_path,
+            hook_point_in="",
+            hook_point_out="out",
+        )
     assert not any(tmp_path.iterdir())
 
 
@@ -258,8 +295,9 @@ def test_save_openmoss_refuses_what_the_format_cannot_hold(tmp_path):
 @pytest.mark.parametrize("layerwise", [False, True], ids=["dimensionwise", "layerwise"])
 def test_crosslayer_matches_their_forward(tmp_path, backend, ranks, layerwise):
     ckpt = tmp_path / "clt.ckpt"
-    model = crosslayer_checkpoint(ckpt, d_acts=9, n=2, ranks=ranks, layerwise=layerwise,
-                                  bandwidth=0.8)
+    model = crosslayer_checkpoint(
+        ckpt, d_acts=9, n=2, ranks=ranks, layerwise=layerwise, bandwidth=0.8
+    )
     layer = load_crosslayer_transcoder(ckpt, layer=1, backend=backend)
     cfg = layer.cfg
     assert cfg.ranks == tuple(ranks) and cfg.k is None and cfg.activation == "jumprelu"
@@ -272,7 +310,10 @@ def test_crosslayer_matches_their_forward(tmp_path, backend, ranks, layerwise):
     # our sparse decode, so ours is their forward with the exact pre gradient and the upper side.
     y_t, dx_t, g_t = run_theirs(
         lambda t, x: crosslayer_forward(t, x, 1, exact_pre_grad=True, threshold_upper_only=True),
-        model, x, cot)
+        model,
+        x,
+        cot,
+    )
     assert_close(y, y_t, "y")
     assert_close(dx, dx_t, "d x")
     assert_close(g["W_gate"], g_t["e.weight"], "d e.weight")
@@ -332,22 +373,50 @@ class _NotAllowlisted:
     [
         (lambda p: p.unlink(), {}, FileNotFoundError, "not found"),
         (lambda p: p.write_text("{}"), {}, ValueError, "is not a readable torch checkpoint"),
-        (_edit_ckpt(lambda s: s.pop("model.nonlinearity.theta")), {}, ValueError,
-         r"missing tensor model.nonlinearity.theta \(a JumpReLU Molt"),
-        (_edit_ckpt(lambda s: s.pop("model.Vs.1")), {}, ValueError,
-         "bucket 1 needs both model.Us.1 and model.Vs.1"),
-        (_edit_ckpt(lambda s: s.update({"model.Vs.0": s["model.Vs.0"][:, :, :1]})), {},
-         ValueError, r"'model.Vs.0' has shape \[2, 7, 1\], expected \[2, 7, 3\]"),
-        (_edit_ckpt(lambda s: s.update({"model.nonlinearity.theta": torch.zeros(2, 6)})), {},
-         ValueError, "must be \\[1, 6\\]"),
-        (_edit_ckpt(lambda s: s.update({"model.decoder.bias": torch.zeros(7)})), {}, ValueError,
-         r"unexpected tensors \['decoder.bias'\]"),
-        (_edit_ckpt(lambda s: s["model.input_standardizer.std"].fill_(0)), {}, ValueError,
-         "std has entries <= 0"),
+        (
+            _edit_ckpt(lambda s: s.pop("model.nonlinearity.theta")),
+            {},
+            ValueError,
+            r"missing tensor model.nonlinearity.theta \(a JumpReLU Molt",
+        ),
+        (
+            _edit_ckpt(lambda s: s.pop("model.Vs.1")),
+            {},
+            ValueError,
+            "bucket 1 needs both model.Us.1 and model.Vs.1",
+        ),
+        (
+            _edit_ckpt(lambda s: s.update({"model.Vs.0": s["model.Vs.0"][:, :, :1]})),
+            {},
+            ValueError,
+            r"'model.Vs.0' has shape \[2, 7, 1\], expected \[2, 7, 3\]",
+        ),
+        (
+            _edit_ckpt(lambda s: s.update({"model.nonlinearity.theta": torch.zeros(2, 6)})),
+            {},
+            ValueError,
+            "must be \\[1, 6\\]",
+        ),
+        (
+            _edit_ckpt(lambda s: s.update({"model.decoder.bias": torch.zeros(7)})),
+            {},
+            ValueError,
+            r"unexpected tensors \['decoder.bias'\]",
+        ),
+        (
+            _edit_ckpt(lambda s: s["model.input_standardizer.std"].fill_(0)),
+            {},
+            ValueError,
+            "std has entries <= 0",
+        ),
         (lambda p: None, {"layer": 3}, ValueError, r"layer must be in \[0, 3\)"),
         (lambda p: None, {"layer": "1"}, TypeError, "layer must be an int"),
-        (lambda p: torch.save({"state_dict": {}, "cls": _NotAllowlisted()}, p), {}, ValueError,
-         "weights_only=False"),
+        (
+            lambda p: torch.save({"state_dict": {}, "cls": _NotAllowlisted()}, p),
+            {},
+            ValueError,
+            "weights_only=False",
+        ),
     ],
 )
 def test_crosslayer_malformed_files_are_clear_errors(tmp_path, corrupt, kwargs, error, match):
@@ -391,8 +460,13 @@ def test_sparsify_matches_their_forward_and_gradients(tmp_path, backend, skip):
     assert bool((layer.encode(x)[0] > 0).all())
     assert_close(y, y_theirs, "y")
     assert_close(x_ours.grad, x_theirs.grad, "d x")
-    for name, ours in (("encoder.weight", "W_enc"), ("encoder.bias", "b_enc"), ("W_dec", "W_dec"),
-                       ("b_dec", "b_dec"), ("W_skip", "W_skip")):
+    for name, ours in (
+        ("encoder.weight", "W_enc"),
+        ("encoder.bias", "b_enc"),
+        ("W_dec", "W_dec"),
+        ("b_dec", "b_dec"),
+        ("W_skip", "W_skip"),
+    ):
         if name in theirs:
             assert_close(getattr(layer, ours).grad, theirs[name].grad, f"d {name}")
 
@@ -445,19 +519,37 @@ def _rewrite_tensors(path, file, change):
         (lambda p: _rewrite_cfg(p, k=0), ValueError, "k must be a positive int"),
         (lambda p: _rewrite_cfg(p, k=99), ValueError, "k must be in"),
         (lambda p: _rewrite_cfg(p, d_in="8"), ValueError, "d_in must be a positive int"),
-        (lambda p: (p / "sae.safetensors").write_bytes(b"\x00" * 20), ValueError,
-         "not a safetensors file"),
-        (lambda p: _rewrite_tensors(p, "sae.safetensors", lambda t: t.pop("b_dec")), ValueError,
-         r"missing tensors \['b_dec'\]"),
-        (lambda p: _rewrite_tensors(p, "sae.safetensors",
-                                    lambda t: t.update(extra=torch.zeros(1))),
-         ValueError, r"unexpected tensors \['extra'\]"),
-        (lambda p: _rewrite_tensors(p, "sae.safetensors",
-                                    lambda t: t.update({"W_dec": t["W_dec"][:, :3].clone()})),
-         ValueError, r"'W_dec' has shape \[16, 3\], expected \[16, 8\]"),
-        (lambda p: _rewrite_tensors(p, "sae.safetensors",
-                                    lambda t: t.update({"b_dec": t["b_dec"].float()})),
-         ValueError, "mix dtypes"),
+        (
+            lambda p: (p / "sae.safetensors").write_bytes(b"\x00" * 20),
+            ValueError,
+            "not a safetensors file",
+        ),
+        (
+            lambda p: _rewrite_tensors(p, "sae.safetensors", lambda t: t.pop("b_dec")),
+            ValueError,
+            r"missing tensors \['b_dec'\]",
+        ),
+        (
+            lambda p: _rewrite_tensors(
+                p, "sae.safetensors", lambda t: t.update(extra=torch.zeros(1))
+            ),
+            ValueError,
+            r"unexpected tensors \['extra'\]",
+        ),
+        (
+            lambda p: _rewrite_tensors(
+                p, "sae.safetensors", lambda t: t.update({"W_dec": t["W_dec"][:, :3].clone()})
+            ),
+            ValueError,
+            r"'W_dec' has shape \[16, 3\], expected \[16, 8\]",
+        ),
+        (
+            lambda p: _rewrite_tensors(
+                p, "sae.safetensors", lambda t: t.update({"b_dec": t["b_dec"].float()})
+            ),
+            ValueError,
+            "mix dtypes",
+        ),
     ],
 )
 def test_sparsify_malformed_files_are_clear_errors(tmp_path, corrupt, error, match):
@@ -469,7 +561,111 @@ def test_sparsify_malformed_files_are_clear_errors(tmp_path, corrupt, error, mat
 
 def test_save_sparsify_refuses_what_the_format_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="d_out=5"):
-        save_sparsify(TopKTranscoder(TranscoderConfig(d_in=4, n_features=8, k=2, d_out=5)),
-                      tmp_path)
+        save_sparsify(
+            TopKTranscoder(TranscoderConfig(d_in=4, n_features=8, k=2, d_out=5)), tmp_path
+        )
     with pytest.raises(TypeError, match="TopKTranscoder"):
         save_sparsify(torch.nn.Linear(2, 2), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m molt_kernels convert
+
+
+def test_convert_from_and_to_each_format(tmp_path, capsys):
+    _, tensors = openmoss_file(tmp_path / "om", act_fn="jumprelu")
+    assert convert_main(["--from", "openmoss", str(tmp_path / "om"), str(tmp_path / "ours")]) == 0
+    assert_same_tensors(
+        MOLT.from_pretrained(tmp_path / "ours").state_dict(),
+        load_openmoss(tmp_path / "om").state_dict(),
+    )
+    assert (
+        convert_main(
+            [
+                "--to",
+                "openmoss",
+                str(tmp_path / "ours"),
+                str(tmp_path / "om2"),
+                "--hook-point-in",
+                OPENMOSS_HOOK_IN,
+                "--hook-point-out",
+                OPENMOSS_HOOK_OUT,
+            ]
+        )
+        == 0
+    )
+    assert_same_tensors(
+        load_file(str(tmp_path / "om2" / "sae_weights.safetensors")),
+        {n: t for n, t in tensors.items() if not n.startswith("dataset_")},
+    )
+
+    _, tensors = sparsify_checkpoint(tmp_path / "sp", d_in=6, num_latents=12, k=2)
+    assert convert_main(["--from", "sparsify", str(tmp_path / "sp"), str(tmp_path / "tc")]) == 0
+    assert convert_main(["--to", "sparsify", str(tmp_path / "tc"), str(tmp_path / "sp2")]) == 0
+    assert_same_tensors(load_file(str(tmp_path / "sp2" / "sae.safetensors")), tensors)
+
+    crosslayer_checkpoint(tmp_path / "clt.ckpt", d_acts=5, n=1, ranks=[2, 1])
+    assert (
+        convert_main(
+            [
+                "--from",
+                "crosslayer-transcoder",
+                str(tmp_path / "clt.ckpt"),
+                str(tmp_path / "m"),
+                "--layer",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert_same_tensors(
+        MOLT.from_pretrained(tmp_path / "m").state_dict(),
+        load_crosslayer_transcoder(tmp_path / "clt.ckpt", 2).state_dict(),
+    )
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_convert_refuses_the_wrong_file_type_in_one_line_and_writes_nothing(tmp_path):
+    sparsify_checkpoint(tmp_path / "sp", d_in=4, num_latents=8, k=2)
+    openmoss_file(tmp_path / "om")
+    cases = [
+        ["--from", "openmoss", str(tmp_path / "sp")],
+        ["--from", "sparsify", str(tmp_path / "om")],
+        ["--from", "crosslayer-transcoder", str(tmp_path / "om"), "--layer", "0"],
+        ["--from", "crosslayer-transcoder", str(tmp_path / "om" / "config.json"), "--layer", "0"],
+        ["--to", "sparsify", str(tmp_path / "om")],
+        ["--to", "openmoss", str(tmp_path / "sp"), "--hook-point-in", "a", "--hook-point-out", "b"],
+    ]
+    dst = tmp_path / "dst"
+    # One run through `python -m molt_kernels` for the wiring; the other cases run in-process.
+    first = cases[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "molt_kernels", "convert", *first[:3], str(dst), *first[3:]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert: error: "), result.stderr
+    assert not dst.exists()
+    for args in cases[1:]:
+        assert convert_main([*args[:3], str(dst), *args[3:]]) == 1, args
+        assert not dst.exists(), args
+
+
+def test_convert_argument_and_destination_errors(tmp_path, capsys):
+    sparsify_checkpoint(tmp_path / "sp", d_in=4, num_latents=8, k=2)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert convert_main(["--from", "sparsify", str(tmp_path / "sp"), str(tmp_path / "full")]) == 1
+    assert "not an empty directory" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
+    for args in (
+        ["--from", "crosslayer-transcoder", "a", "b"],
+        ["--to", "openmoss", "a", "b"],
+        ["--from", "sparsify", "a", "b", "--layer", "1"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            convert_main(args)
+        assert exit_.value.code == 2

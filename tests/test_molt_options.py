@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from molt_kernels.interp.metrics import module_jacobian, molt_jacobian
+from molt_kernels.interp.train import TrainConfig, train
 from molt_kernels.layers.config import MOLTConfig
 from molt_kernels.layers.molt import MOLT
-from molt_kernels.testing import TOLERANCE, compare_to_reference, relative_error
+from molt_kernels.tools.testing import TOLERANCE, compare_to_reference, relative_error
 
 OPTIONS = [
     dict(scale_gate_by_norm=True),
@@ -30,8 +31,15 @@ def random_standardisation(layer):
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
 @pytest.mark.parametrize("activation, k", [("relu", 3), ("jumprelu", None), ("identity", 2)])
 def test_options_match_the_reference_on_every_backend(backend, options, activation, k):
-    cfg = MOLTConfig(d_in=7, d_out=5, rank_counts={3: 2, 1: 4}, k=k, activation=activation,
-                     jumprelu_bandwidth=0.5, **options)
+    cfg = MOLTConfig(
+        d_in=7,
+        d_out=5,
+        rank_counts={3: 2, 1: 4},
+        k=k,
+        activation=activation,
+        jumprelu_bandwidth=0.5,
+        **options,
+    )
     layer = MOLT(cfg, dtype=torch.float64)
     if cfg.standardize:
         random_standardisation(layer)
@@ -45,6 +53,8 @@ def test_options_match_the_reference_on_every_backend(backend, options, activati
 def test_norm_scaled_gate_ranks_n_times_pre_and_divides_after():
     cfg = MOLTConfig(d_in=6, rank_counts={4: 3, 2: 5}, k=3, scale_gate_by_norm=True)
     layer = MOLT(cfg, dtype=torch.float64)
+    with torch.no_grad():
+        layer.b_gate.fill_(3.0)  # every pre-activation positive: no ties at zero
     x = torch.randn(40, 6, dtype=torch.float64)
     gates, indices = layer.encode(x)
     n = layer.transform_norms().detach()
@@ -59,8 +69,9 @@ def test_norm_scaled_gate_ranks_n_times_pre_and_divides_after():
 
 
 def test_norm_scaled_jumprelu_compares_the_threshold_with_n_times_pre():
-    cfg = MOLTConfig(d_in=1, rank_counts={1: 1}, k=None, activation="jumprelu",
-                     scale_gate_by_norm=True)
+    cfg = MOLTConfig(
+        d_in=1, rank_counts={1: 1}, k=None, activation="jumprelu", scale_gate_by_norm=True
+    )
     layer = MOLT(cfg, dtype=torch.float64)
     with torch.no_grad():
         layer.W_gate.fill_(1.0)
@@ -87,8 +98,9 @@ def test_standardisation_wraps_the_layer():
     layer = MOLT(cfg, dtype=torch.float64)
     random_standardisation(layer)
     core = MOLT(MOLTConfig(d_in=5, d_out=3, rank_counts={2: 4}, k=2), dtype=torch.float64)
-    core.load_state_dict({n: t for n, t in layer.state_dict().items() if "_mean" not in n
-                          and "_std" not in n})
+    core.load_state_dict(
+        {n: t for n, t in layer.state_dict().items() if "_mean" not in n and "_std" not in n}
+    )
     x = torch.randn(8, 5, dtype=torch.float64)
     xs = (x - layer.input_mean) / layer.input_std
     want = core(xs) * layer.output_std + layer.output_mean
@@ -113,12 +125,21 @@ def test_config_options_are_validated_and_stored(tmp_path):
     for name in ("scale_gate_by_norm", "standardize", "decoder_bias"):
         with pytest.raises(TypeError, match=f"{name} must be a bool"):
             MOLTConfig(d_in=3, rank_counts={1: 2}, k=1, **{name: 1})
-    cfg = MOLTConfig(d_in=3, rank_counts={2: 1, 1: 2}, k=1, scale_gate_by_norm=True,
-                     standardize=True, decoder_bias=False)
+    cfg = MOLTConfig(
+        d_in=3,
+        rank_counts={2: 1, 1: 2},
+        k=1,
+        scale_gate_by_norm=True,
+        standardize=True,
+        decoder_bias=False,
+    )
     assert MOLTConfig.from_dict(cfg.to_dict()) == cfg
     # A cfg.json written before these options existed loads with the old behaviour.
-    old = {k: v for k, v in cfg.to_dict().items()
-           if k not in ("scale_gate_by_norm", "standardize", "decoder_bias")}
+    old = {
+        k: v
+        for k, v in cfg.to_dict().items()
+        if k not in ("scale_gate_by_norm", "standardize", "decoder_bias")
+    }
     assert MOLTConfig.from_dict(old) == MOLTConfig(d_in=3, rank_counts={2: 1, 1: 2}, k=1)
     layer = MOLT(cfg, dtype=torch.float64)
     random_standardisation(layer)
@@ -149,9 +170,48 @@ def test_cached_gate_norms_compute_the_norms_once(monkeypatch):
 
 
 def test_jacobian_with_options_matches_autograd():
-    cfg = MOLTConfig(d_in=5, d_out=4, rank_counts={3: 2, 1: 3}, k=3, activation="jumprelu",
-                     scale_gate_by_norm=True, standardize=True, decoder_bias=False)
-    layer = MOLT(cfg, dtype=torch.float64)
+    cfg = MOLTConfig(
+        d_in=5,
+        d_out=4,
+        rank_counts={3: 2, 1: 3},
+        k=3,
+        scale_gate_by_norm=True,
+        standardize=True,
+        decoder_bias=False,
+    )
+    layer = MOLT(cfg, backend="reference", dtype=torch.float64)  # jacrev needs plain autograd
     random_standardisation(layer)
     x = torch.randn(6, 5, dtype=torch.float64)
     assert relative_error(molt_jacobian(layer, x), module_jacobian(layer, x)) < 1e-12
+
+
+def test_train_fits_a_layer_with_the_options():
+    # Shifted, scaled inputs and a bias-free target: the data-aware init sets the
+    # standardisation from the data and the trainer fits the rest.
+    x = torch.randn(2048, 8) * 3 + 2
+    teacher = MOLT(MOLTConfig(d_in=8, rank_counts={4: 2, 2: 4}, k=2, init_scale=1.0))
+    with torch.no_grad():
+        y = teacher(x) * 5
+    cfg = MOLTConfig(
+        d_in=8,
+        rank_counts={4: 2, 2: 4},
+        k=None,
+        activation="jumprelu",
+        jumprelu_bandwidth=0.1,
+        scale_gate_by_norm=True,
+        standardize=True,
+        decoder_bias=False,
+        init_l0=2,
+    )
+    layer = MOLT(cfg)
+    log = train(
+        layer,
+        x,
+        y,
+        TrainConfig(
+            steps=60, batch_size=128, log_every=20, lr=3e-3, dead_window_tokens=512, progress=False
+        ),
+    )
+    assert (layer.input_mean - 2).abs().max() < 0.5 and (layer.input_std - 3).abs().max() < 0.5
+    assert log.fvu[-1] < 0.8 * log.fvu[0]
+    assert log.l0[0] > 0

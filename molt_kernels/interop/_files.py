@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..config import MOLTConfig
+from ..layers.config import MOLTConfig
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -60,7 +60,9 @@ def check_shape(source: str, name: str, t: Tensor, shape: tuple[int, ...]) -> No
     if not t.is_floating_point():
         raise ValueError(f"{source}: tensor {name!r} must be floating point, got {t.dtype}")
     if tuple(t.shape) != shape:
-        raise ValueError(f"{source}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+        raise ValueError(
+            f"{source}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}"
+        )
 
 
 def field(source: str, obj: Mapping[str, Any], name: str, kind: type | tuple, default: Any = ...):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..modules import MOLT
+from ..layers.molt import MOLT
 from ._files import check_keys, check_shape, config_or_error, positive_finite
 
 PREFIX = "model."
@@ -37,9 +37,11 @@ STANDARDIZER_KEYS = tuple(f"{name}.{stat}" for name in STANDARDIZERS for stat in
 
 
 def _read_state(path: Path, weights_only: bool) -> dict[str, Tensor]:
-    """The Molt's tensors of a Lightning checkpoint (or of a bare state dict), without ``model.``."""
-    if not path.is_file():
+    """The Molt's tensors of a Lightning checkpoint (or a bare state dict), without ``model.``."""
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found")
+    if not path.is_file():
+        raise ValueError(f"{path} is a directory, not a checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
@@ -78,8 +80,9 @@ def _buckets(source: str, state: dict[str, Tensor], d: int) -> list[tuple[int, i
         raise ValueError(f"{source}: no transforms (model.Us.0 / model.Vs.0 missing)")
     ranks = [r for r, _ in buckets]
     if len(set(ranks)) != len(ranks):
-        raise ValueError(f"{source}: buckets repeat a rank ({ranks}); one bucket per rank is "
-                         "supported")
+        raise ValueError(
+            f"{source}: buckets repeat a rank ({ranks}); one bucket per rank is supported"
+        )
     return buckets
 
 
@@ -98,7 +101,8 @@ def _standardizer_rows(
         stat = state[key]
         if stat.dim() not in (1, 2) or (stat.dim() == 2 and stat.shape[1] != d):
             raise ValueError(
-                f"{source}: model.{key} must be [n_layers, {d}] or [n_layers], got {list(stat.shape)}"
+                f"{source}: model.{key} must be [n_layers, {d}] or [n_layers], "
+                f"got {list(stat.shape)}"
             )
         if not 0 <= layer < stat.shape[0]:
             raise ValueError(f"layer must be in [0, {stat.shape[0]}) for {source}, got {layer}")
@@ -144,8 +148,11 @@ def load_crosslayer_transcoder(
             f"{source}: model.nonlinearity.theta must be [1, {n_transforms}] (a JumpReLU with "
             f"n_layers=1), got {list(theta.shape)}"
         )
-    bandwidth = positive_finite(source, "model.nonlinearity.bandwidth",
-                                float(state["nonlinearity.bandwidth"].reshape(-1)[0]))
+    bandwidth = positive_finite(
+        source,
+        "model.nonlinearity.bandwidth",
+        float(state["nonlinearity.bandwidth"].reshape(-1)[0]),
+    )
     rows = {name: _standardizer_rows(source, state, name, layer, d) for name in STANDARDIZERS}
 
     cfg = config_or_error(
@@ -168,8 +175,9 @@ def load_crosslayer_transcoder(
             molt.V[b].copy_(state[f"Vs.{b}"].transpose(1, 2))
         theta = theta.reshape(-1).to(dtype)
         # Their mask is pre > theta and pre > 0: a threshold <= 0 is the threshold 0.
-        molt.log_threshold.copy_(torch.where(theta > 0, theta, 1).log().masked_fill(theta <= 0,
-                                                                                   -math.inf))
+        molt.log_threshold.copy_(
+            torch.where(theta > 0, theta, 1).log().masked_fill(theta <= 0, -math.inf)
+        )
         for side, name in (("input", "input_standardizer"), ("output", "output_standardizer")):
             if rows[name] is not None:
                 getattr(molt, f"{side}_mean").copy_(rows[name][0])

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..modules import MOLT
+from ..layers.molt import MOLT
 from ._files import (
     check_keys,
     check_shape,
@@ -69,7 +69,8 @@ def _rank_counts(source: str, config: dict[str, Any]) -> dict[int, int]:
             rank = int(key)
         except ValueError:
             raise ValueError(f"{source}: rank_counts key {key!r} is not an int") from None
-        counts[positive_int(source, "a rank", rank)] = positive_int(source, f"count of {rank}", count)
+        positive_int(source, "a rank", rank)
+        counts[rank] = positive_int(source, f"count of rank {rank}", count)
     return dict(sorted(counts.items()))
 
 
@@ -201,14 +202,16 @@ def save_openmoss(
             raise ValueError(f"{name} must be a non-empty str, got {hook!r}")
     cfg = layer.cfg
     if cfg.d_out != cfg.d_in:
-        raise ValueError(f"OpenMOSS MOLTs map d_model -> d_model; this layer has d_in={cfg.d_in}, "
-                         f"d_out={cfg.d_out}")
+        raise ValueError(
+            f"OpenMOSS MOLTs map d_model -> d_model; this layer has d_in={cfg.d_in}, "
+            f"d_out={cfg.d_out}"
+        )
     if cfg.standardize:
         raise ValueError("OpenMOSS MOLTs have no per-dimension input/output standardisation")
     if cfg.activation == "identity":
         raise ValueError("OpenMOSS MOLTs have no identity gate (act_fn is relu, jumprelu or topk)")
     if cfg.activation == "jumprelu" and cfg.k is not None:
-        raise ValueError("OpenMOSS MOLTs have no jumprelu with a top-k (act_fn is one or the other)")
+        raise ValueError("OpenMOSS MOLTs have no jumprelu with a top-k (act_fn is one of them)")
 
     # Our ids of each bucket, the buckets taken in ascending rank order.
     offsets = cfg.bucket_offsets

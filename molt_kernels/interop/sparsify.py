@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..transcoder import TopKTranscoder, TranscoderConfig
+from ..layers.transcoder import TopKTranscoder, TranscoderConfig
 from ._files import (
     check_keys,
     check_shape,
@@ -97,7 +97,8 @@ def save_sparsify(transcoder: TopKTranscoder, path: str | Path) -> Path:
     cfg = transcoder.cfg
     if cfg.d_out != cfg.d_in:
         raise ValueError(
-            f"sparsify transcoders map d_in -> d_in; this one has d_in={cfg.d_in}, d_out={cfg.d_out}"
+            f"sparsify transcoders map d_in -> d_in; this one has d_in={cfg.d_in}, "
+            f"d_out={cfg.d_out}"
         )
     config = {
         "activation": "topk",

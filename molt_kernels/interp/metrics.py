@@ -80,10 +80,13 @@ def molt_jacobian(layer: nn.Module, x: Tensor, chunk: int = 64) -> Tensor:
 
     J = sum_{t active} g_t U_t V_t + (U_t V_t x) act'(pre_t) W_gate[t]^T. The top-k selection is
     locally constant, and act'(pre_t) = 1 for every active gate of relu, jumprelu (away from the
-    threshold) and identity, so both terms run over the active transforms only.
+    threshold) and identity, so both terms run over the active transforms only. A norm-scaled gate
+    (act(n_t pre_t) / n_t) has the same derivative; with standardisation x is standardised first
+    and J scaled to diag(output_std) J diag(1 / input_std).
     """
     cfg: MOLTConfig = layer.cfg
     gates, indices = layer.encode(x)
+    x = layer.standardize_input(x)
     offsets = cfg.bucket_offsets
     out = []
     for lo in range(0, x.shape[0], chunk):
@@ -99,6 +102,8 @@ def molt_jacobian(layer: nn.Module, x: Tensor, chunk: int = 64) -> Tensor:
                 uv = torch.bmm(layer.U[b][local], layer.V[b][local])  # [n, d_out, d_in]
                 z = torch.bmm(uv, xs[rows, :, None])  # [n, d_out, 1]
                 jac[rows] += g[rows, None, None] * uv + z * layer.W_gate[t[rows], None, :]
+        if cfg.standardize:
+            jac = jac * layer.output_std[:, None] / layer.input_std
         out.append(jac)
     return torch.cat(out) if out else x.new_zeros(0, cfg.d_out, cfg.d_in)
 

@@ -99,14 +99,25 @@ def init_from_data(layer: nn.Module, x: Tensor, y: Tensor) -> None:
 
     MOLT: W_gate and V are divided by the inputs' RMS (their init assumes unit-variance inputs);
     each gate bias is set so that its transform fires on about init_l0 / T of these tokens; U is
-    scaled to the outputs' spread and b_dec set to their mean. Transcoder: W_enc rescaled, b_dec
-    set.
+    scaled to the outputs' spread and b_dec (if any) set to their mean. With
+    ``cfg.standardize`` the standardisation statistics are set from x and y first (per-dimension
+    mean and std), and the rest is fitted in the standardised space. Transcoder: W_enc rescaled,
+    b_dec set.
     """
-    x = x.reshape(-1, x.shape[-1]).to(layer.b_dec.dtype)
-    y = y.reshape(-1, y.shape[-1]).to(layer.b_dec.dtype)
+    dtype = next(layer.parameters()).dtype
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    y = y.reshape(-1, y.shape[-1]).to(dtype)
+    raw_x = x
+    if isinstance(layer, MOLT) and layer.cfg.standardize:
+        for side, t in (("input", x), ("output", y)):
+            getattr(layer, f"{side}_mean").copy_(t.mean(0))
+            getattr(layer, f"{side}_std").copy_(t.std(0).clamp_min(1e-8))
+        x = layer.standardize_input(x)
+        y = (y - layer.output_mean) / layer.output_std
     x_rms = x.square().mean().sqrt().clamp_min(1e-12)
     y_spread = (y - y.mean(0)).square().mean().sqrt().clamp_min(1e-12)
-    layer.b_dec.copy_(y.mean(0))
+    if layer.b_dec is not None:
+        layer.b_dec.copy_(y.mean(0))
     if not isinstance(layer, MOLT):
         layer.W_enc.div_(x_rms)
         return
@@ -114,21 +125,30 @@ def init_from_data(layer: nn.Module, x: Tensor, y: Tensor) -> None:
     for u, v in zip(layer.U, layer.V):
         v.div_(x_rms)
         u.mul_(y_spread)
-    fit_gate_bias(layer, x)
+    fit_gate_bias(layer, raw_x)
 
 
 @torch.no_grad()
 def fit_gate_bias(layer: MOLT, x: Tensor, which: Tensor | None = None) -> None:
     """Set the gate bias of transforms ``which`` ([T] bool; all if None) so that each fires on
-    about init_l0 / T of the tokens x [n, d_in]. No-op for identity gates."""
+    about init_l0 / T of the tokens x [n, d_in] (raw: standardised here if the layer is). No-op
+    for identity gates."""
     cfg = layer.cfg
     fire_rate = cfg.expected_l0_at_init / cfg.n_transforms
     if cfg.activation == "identity" or fire_rate >= 1.0:
         return
-    pre = x.to(layer.W_gate.dtype) @ layer.W_gate.T  # [n, T], without the bias
+    pre = layer.standardize_input(x.to(layer.W_gate.dtype)) @ layer.W_gate.T  # [n, T], no bias
     cut = torch.quantile(pre.float(), 1.0 - fire_rate, dim=0).to(pre.dtype)
-    # relu fires when pre + b > 0; jumprelu when pre + b > theta.
-    opening = -cut if cfg.activation == "relu" else layer.log_threshold.exp() - cut
+    # relu fires when pre + b > 0; jumprelu when pre + b > theta, or n_t (pre + b) > theta with
+    # a norm-scaled gate.
+    if cfg.activation == "relu":
+        opening = -cut
+    else:
+        theta = layer.log_threshold.exp()
+        if cfg.scale_gate_by_norm:
+            norms = layer.gate_norm_scale()
+            theta = torch.where(norms > 0, theta / norms, theta)
+        opening = theta - cut
     if which is None:
         layer.b_gate.copy_(opening)
     else:
@@ -162,7 +182,8 @@ def train(
             f"got {x.shape[0]} and {y.shape[0]}"
         )
     is_molt = isinstance(layer, MOLT)
-    dtype, device = layer.b_dec.dtype, layer.b_dec.device
+    first = next(layer.parameters())
+    dtype, device = first.dtype, first.device
     x, y = x.to(device, dtype), y.to(device, dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init_from_data:

@@ -60,6 +60,17 @@ class MOLTConfig:
         init_l0: transforms expected to open per token at initialisation (defaults to ``k``, or
             ``min(T, 32)`` when ``k`` is None).
         init_scale: scale of the initial output of one transform relative to its input.
+        scale_gate_by_norm: gate on n_t * pre_t, n_t = ||U_t V_t||_F: the activation (a jumprelu
+            threshold compares with n_t * pre_t) and the top-k see the scaled pre-activations,
+            and each kept gate is divided by n_t again (0 for a transform with n_t = 0). The
+            ranking, and so the selection, follows n_t * pre_t rather than pre_t. n_t is a
+            constant of the backward: the exact derivative through it is zero, since
+            act(n p) / n is p on open gates. OpenMOSS's ``sparsity_include_decoder_norm``.
+        standardize: the layer holds buffers ``input_mean``, ``input_std`` [d_in] and
+            ``output_mean``, ``output_std`` [d_out] (identity at initialisation) and computes
+            y = layer((x - input_mean) / input_std) * output_std + output_mean: the gate and the
+            transforms both read the standardised x. crosslayer-transcoder's standardisers.
+        decoder_bias: whether the layer has ``b_dec``; without it y has no bias term.
     """
 
     d_in: int
@@ -70,6 +81,9 @@ class MOLTConfig:
     jumprelu_bandwidth: float = 1e-3
     init_l0: float | None = None
     init_scale: float = 0.1
+    scale_gate_by_norm: bool = False
+    standardize: bool = False
+    decoder_bias: bool = True
     ranks: tuple[int, ...] = field(init=False, repr=False)
     counts: tuple[int, ...] = field(init=False, repr=False)
 
@@ -98,6 +112,9 @@ class MOLTConfig:
             )
         if not self.init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
+        for name in ("scale_gate_by_norm", "standardize", "decoder_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def paper(
@@ -135,9 +152,12 @@ class MOLTConfig:
         return float(self.k if self.k is not None else min(self.n_transforms, 32))
 
     def n_parameters(self) -> int:
-        """T*(d_in+1) gate + sum(r_t)*(d_in+d_out) transforms + d_out bias (+T thresholds)."""
+        """T*(d_in+1) gate + sum(r_t)*(d_in+d_out) transforms (+ d_out bias) (+T thresholds).
+
+        Standardisation statistics are buffers, not parameters."""
         t = self.n_transforms
-        n = t * (self.d_in + 1) + self.total_rank * (self.d_in + self.d_out) + self.d_out
+        n = t * (self.d_in + 1) + self.total_rank * (self.d_in + self.d_out)
+        n += self.d_out if self.decoder_bias else 0
         return n + (t if self.activation == "jumprelu" else 0)
 
     def to_dict(self) -> dict[str, Any]:

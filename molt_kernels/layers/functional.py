@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ..ops.dtypes import accumulator_dtype, compute_dtype
@@ -26,6 +27,7 @@ def _check_gate_args(
     k: int | None,
     activation: str,
     log_threshold: Tensor | None,
+    norm_scale: Tensor | None,
 ) -> int:
     if not isinstance(W_gate, Tensor) or W_gate.dim() != 2:
         raise ValueError("W_gate must be a 2-d tensor [T, d_in]")
@@ -37,6 +39,8 @@ def _check_gate_args(
     check_gate_activation(activation, log_threshold)
     if activation == "jumprelu":
         check_tensor("log_threshold", log_threshold, (n_transforms,), x.device)
+    if norm_scale is not None:
+        check_tensor("norm_scale", norm_scale, (n_transforms,), x.device)
     return n_transforms
 
 
@@ -49,24 +53,38 @@ def gate_topk(
     log_threshold: Tensor | None = None,
     bandwidth: float = 1e-3,
     backend: str | None = None,
+    norm_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gates and indices of the k largest act(x W_gate^T + b_gate) per token.
 
     x [..., d_in]; W_gate [T, d_in]; b_gate [T]; log_threshold [T] (jumprelu only).
     Returns gates [..., k] (fp32 for half inputs, else x's dtype) and indices [..., k] int64;
     ties go to the lower transform id. ``k=None`` returns all T activations.
+
+    ``norm_scale`` [T] (n_t >= 0, e.g. ||U_t V_t||_F): rank and cut act(n_t pre_t) instead, and
+    return act(n_t pre_t) / n_t (0 where n_t = 0). It is a constant of the backward (detached).
     """
-    _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold)
+    _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold, norm_scale)
     backend = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     W, b = W_gate, b_gate
+    if norm_scale is not None:
+        # n_t (x . W_t + b_t) = x . (n_t W_t) + n_t b_t: the scaled gate is the plain gate of the
+        # scaled weights, on every backend and in the fused kernel alike. The extra [T, d_in]
+        # product is 1/tokens of the gate matmul.
+        scale = norm_scale.detach().to(W.dtype)
+        W, b = W * scale[:, None], b * scale.to(b.dtype)
     if backend != "triton":
         # Triton kernels read half inputs as they are and accumulate in fp32 themselves.
         dtype = accumulator_dtype(x.dtype)
         x2, W, b = x2.to(dtype), W.to(dtype), b.to(dtype)
     gate = gate_topk_backend(backend)
     gates, indices = gate(x2, W, b, k, activation, log_threshold, bandwidth)
+    if norm_scale is not None:
+        # A transform with n_t = 0 has pre = act(0) = 0: divide it by 1 instead of 0.
+        divisor = torch.where(scale > 0, scale, torch.ones_like(scale)).to(gates.dtype)
+        gates = gates / divisor[indices]
     return gates.reshape(*lead, gates.shape[-1]), indices.reshape(*lead, indices.shape[-1])
 
 
@@ -76,7 +94,7 @@ def _check_decode_args(
     indices: Tensor,
     U: Sequence[Tensor],
     V: Sequence[Tensor],
-    b_dec: Tensor,
+    b_dec: Tensor | None,
 ) -> None:
     if len(U) == 0 or len(U) != len(V):
         raise ValueError(
@@ -94,7 +112,8 @@ def _check_decode_args(
         check_tensor(f"V[{b}]", v, (n, r, d_in), x.device)
         check_tensor(f"U[{b}]", u, (n, d_out, r), x.device)
         n_transforms += n
-    check_tensor("b_dec", b_dec, (d_out,), x.device)
+    if b_dec is not None:
+        check_tensor("b_dec", b_dec, (d_out,), x.device)
     check_indices(x, gates, "gates", indices, n_transforms, "T")
 
 
@@ -104,13 +123,14 @@ def lowrank_mixture(
     indices: Tensor,
     U: Sequence[Tensor],
     V: Sequence[Tensor],
-    b_dec: Tensor,
+    b_dec: Tensor | None,
     backend: str | None = None,
 ) -> Tensor:
     """y [..., d_out] = sum over (t in indices, gate != 0) gate * U_t (V_t x) + b_dec.
 
     x [..., d_in]; gates [..., k] float; indices [..., k] int64, distinct per token;
-    U[b] [n_b, d_out, r_b]; V[b] [n_b, r_b, d_in]; b_dec [d_out]. Returns x's dtype.
+    U[b] [n_b, d_out, r_b]; V[b] [n_b, r_b, d_in]; b_dec [d_out] or None (no bias). Returns
+    x's dtype.
     """
     _check_decode_args(x, gates, indices, U, V, b_dec)
     backend = resolve_backend(backend, x.device)
@@ -127,7 +147,9 @@ def lowrank_mixture(
         g2 = g2.to(dtype)
     x2 = x2.to(dtype)
     Us, Vs = [u.to(dtype) for u in U], [v.to(dtype) for v in V]
-    y = lowrank_mixture_backend(backend)(x2, g2, i2, Us, Vs, b_dec.to(dtype))
+    # No bias: the ops add zeros (exact), so they keep one signature.
+    bias = b_dec.to(dtype) if b_dec is not None else x2.new_zeros(Us[0].shape[1])
+    y = lowrank_mixture_backend(backend)(x2, g2, i2, Us, Vs, bias)
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
@@ -137,14 +159,17 @@ def molt(
     b_gate: Tensor,
     U: Sequence[Tensor],
     V: Sequence[Tensor],
-    b_dec: Tensor,
+    b_dec: Tensor | None,
     k: int | None,
     activation: str = "relu",
     log_threshold: Tensor | None = None,
     bandwidth: float = 1e-3,
     backend: str | None = None,
+    norm_scale: Tensor | None = None,
 ) -> Tensor:
     """The whole MOLT layer: gate_topk then lowrank_mixture. x [..., d_in] -> y [..., d_out]."""
     backend = resolve_backend(backend, x.device) if isinstance(x, Tensor) else backend
-    gates, indices = gate_topk(x, W_gate, b_gate, k, activation, log_threshold, bandwidth, backend)
+    gates, indices = gate_topk(
+        x, W_gate, b_gate, k, activation, log_threshold, bandwidth, backend, norm_scale
+    )
     return lowrank_mixture(x, gates, indices, U, V, b_dec, backend)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +22,10 @@ class MOLT(PretrainedLayer, nn.Module):
     """Sparse mixture of low-rank transforms: y = sum_{t in topk} g_t U_t V_t x + b_dec.
 
     Parameters: ``W_gate`` [T, d_in], ``b_gate`` [T], ``U[b]`` [n_b, d_out, r_b],
-    ``V[b]`` [n_b, r_b, d_in], ``b_dec`` [d_out], and ``log_threshold`` [T] for jumprelu.
+    ``V[b]`` [n_b, r_b, d_in], ``b_dec`` [d_out] (None without ``cfg.decoder_bias``), and
+    ``log_threshold`` [T] for jumprelu. With ``cfg.standardize``, buffers ``input_mean``,
+    ``input_std`` [d_in], ``output_mean``, ``output_std`` [d_out] wrap the layer; with
+    ``cfg.scale_gate_by_norm`` the gate ranks n_t * pre_t (see :class:`MOLTConfig`).
     ``backend`` (or ``$MOLT_KERNELS_BACKEND``) picks the implementation; see ``backend.py``.
     Stored with ``save_pretrained`` / ``from_pretrained`` (``cfg.json`` + ``model.safetensors``).
     """
@@ -51,11 +56,20 @@ class MOLT(PretrainedLayer, nn.Module):
         self.V = nn.ParameterList(
             nn.Parameter(torch.empty(n, r, cfg.d_in, **f)) for r, n in cfg.rank_counts.items()
         )
-        self.b_dec = nn.Parameter(torch.empty(cfg.d_out, **f))
+        if cfg.decoder_bias:
+            self.b_dec = nn.Parameter(torch.empty(cfg.d_out, **f))
+        else:
+            self.register_parameter("b_dec", None)
         if cfg.activation == "jumprelu":
             self.log_threshold = nn.Parameter(torch.empty(t, **f))
         else:
             self.register_parameter("log_threshold", None)
+        if cfg.standardize:
+            for side, width in (("input", cfg.d_in), ("output", cfg.d_out)):
+                self.register_buffer(f"{side}_mean", torch.zeros(width, **f))
+                self.register_buffer(f"{side}_std", torch.ones(width, **f))
+        # While cached_gate_norms() is active: [] until the norms are first needed, then [norms].
+        self._cached_norms: list[Tensor] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -79,7 +93,8 @@ class MOLT(PretrainedLayer, nn.Module):
             nn.init.normal_(v, std=1.0 / math.sqrt(cfg.d_in))
             # l0 active transforms with random output directions add in quadrature.
             nn.init.normal_(u, std=cfg.init_scale / math.sqrt(r * l0))
-        self.b_dec.zero_()
+        if self.b_dec is not None:
+            self.b_dec.zero_()
 
     # -- the layer ---------------------------------------------------------------------------
 
@@ -91,23 +106,66 @@ class MOLT(PretrainedLayer, nn.Module):
             log_threshold=self.log_threshold,
             bandwidth=cfg.jumprelu_bandwidth,
             backend=self.backend,
+            norm_scale=self.gate_norm_scale() if cfg.scale_gate_by_norm else None,
         )
+
+    def standardize_input(self, x: Tensor) -> Tensor:
+        """(x - input_mean) / input_std in x's dtype with ``cfg.standardize``, else x."""
+        if not self.cfg.standardize:
+            return x
+        return ((x - self.input_mean) / self.input_std).to(x.dtype)
+
+    def destandardize_output(self, y: Tensor) -> Tensor:
+        """y * output_std + output_mean in y's dtype with ``cfg.standardize``, else y."""
+        if not self.cfg.standardize:
+            return y
+        return (y * self.output_std + self.output_mean).to(y.dtype)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [..., d_in] -> gates [..., k] (fp32 for half x), indices [..., k] int64."""
-        return MF.gate_topk(x, self.W_gate, self.b_gate, **self._gate_args())
+        xs = self.standardize_input(x)
+        return MF.gate_topk(xs, self.W_gate, self.b_gate, **self._gate_args())
 
     def decode(self, x: Tensor, gates: Tensor, indices: Tensor) -> Tensor:
         """y [..., d_out] from x [..., d_in] and the (gates, indices) of :meth:`encode`."""
-        return MF.lowrank_mixture(
-            x, gates, indices, list(self.U), list(self.V), self.b_dec, self.backend
+        xs = self.standardize_input(x)
+        y = MF.lowrank_mixture(
+            xs, gates, indices, list(self.U), list(self.V), self.b_dec, self.backend
         )
+        return self.destandardize_output(y)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., d_in] -> y [..., d_out], in x's dtype."""
-        return MF.molt(
-            x, self.W_gate, self.b_gate, list(self.U), list(self.V), self.b_dec, **self._gate_args()
-        )
+        xs = self.standardize_input(x)
+        weights = (self.W_gate, self.b_gate, list(self.U), list(self.V), self.b_dec)
+        y = MF.molt(xs, *weights, **self._gate_args())
+        return self.destandardize_output(y)
+
+    def gate_norm_scale(self) -> Tensor:
+        """The gate's n_t = ||U_t V_t||_F [T], detached: a constant of the backward (see
+        ``MOLTConfig.scale_gate_by_norm``). Computed on every call, or once inside
+        :meth:`cached_gate_norms`."""
+        if self._cached_norms:
+            return self._cached_norms[0]
+        with torch.no_grad():
+            norms = self.transform_norms()
+        if self._cached_norms is not None:
+            self._cached_norms.append(norms)
+        return norms
+
+    @contextmanager
+    def cached_gate_norms(self) -> Iterator[MOLT]:
+        """Inside the block the norm-scaled gate computes n_t once and reuses it: for inference
+        with fixed weights, where the O(sum_t r_t^2 (d_in + d_out)) norms would otherwise be
+        recomputed by every call. Changes to U or V inside the block are not seen."""
+        if self._cached_norms is not None:  # nested: the outer block owns the cache
+            yield self
+            return
+        self._cached_norms = []
+        try:
+            yield self
+        finally:
+            self._cached_norms = None
 
     def transform_norms(self) -> Tensor:
         """||U_t V_t||_F for every transform [T], exactly, without forming U_t V_t.
@@ -134,7 +192,10 @@ class MOLT(PretrainedLayer, nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
+        options = [name for name in ("scale_gate_by_norm", "standardize") if getattr(c, name)]
+        options += [] if c.decoder_bias else ["decoder_bias=False"]
         return (
             f"d_in={c.d_in}, d_out={c.d_out}, rank_counts={c.rank_counts}, k={c.k}, "
             f"activation={c.activation!r}, backend={self.backend!r}"
+            + "".join(f", {o}" for o in options)
         )

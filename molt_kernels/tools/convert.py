@@ -37,17 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert MOLTs and transcoders between other libraries' formats and ours.",
     )
     direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="source", choices=SOURCES,
-                           help="read SRC in this format, write DST in ours")
-    direction.add_argument("--to", dest="target", choices=TARGETS,
-                           help="read SRC in our format, write DST in this one")
+    direction.add_argument(
+        "--from", dest="source", choices=SOURCES, help="read SRC in this format, write DST in ours"
+    )
+    direction.add_argument(
+        "--to", dest="target", choices=TARGETS, help="read SRC in our format, write DST in this one"
+    )
     parser.add_argument("src", type=Path, help="checkpoint file or directory to read")
     parser.add_argument("dst", type=Path, help="directory to write (must not exist or be empty)")
-    parser.add_argument("--layer", type=int,
-                        help="crosslayer-transcoder: the layer whose standardiser row to use")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="crosslayer-transcoder: torch.load with weights_only=False "
-                             "(runs the file's pickled code; only for files you trust)")
+    parser.add_argument(
+        "--layer", type=int, help="crosslayer-transcoder: the layer whose standardiser row to use"
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="crosslayer-transcoder: torch.load with weights_only=False "
+        "(runs the file's pickled code; only for files you trust)",
+    )
     parser.add_argument("--hook-point-in", help="openmoss: the input hook point to record")
     parser.add_argument("--hook-point-out", help="openmoss: the output hook point to record")
     return parser
@@ -76,8 +82,9 @@ def convert(args: argparse.Namespace) -> str:
         layer = load_sparsify(args.src)
     elif args.target == "openmoss":
         layer = MOLT.from_pretrained(args.src)
-        save_openmoss(layer, args.dst, hook_point_in=args.hook_point_in,
-                      hook_point_out=args.hook_point_out)
+        save_openmoss(
+            layer, args.dst, hook_point_in=args.hook_point_in, hook_point_out=args.hook_point_out
+        )
         return f"OpenMOSS MOLT ({layer.extra_repr()})"
     else:
         layer = TopKTranscoder.from_pretrained(args.src)

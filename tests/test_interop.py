@@ -6,6 +6,7 @@ peer's estimator is one our sparse layer computes (see the notes at each test). 
 tensor-exact; malformed and mismatched files are clear errors.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from molt_kernels.tools.testing import relative_error
 
 BACKENDS = ["reference", "torch", "triton"]
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_SCRIPT = ROOT / "bench" / "openmoss_speedup.py"
 TOL = 1e-10
 
 
@@ -669,3 +671,20 @@ def test_convert_argument_and_destination_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             convert_main(args)
         assert exit_.value.code == 2
+
+
+def test_the_bench_baseline_computes_their_forward(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("openmoss_speedup", BENCH_SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config, tensors = openmoss_file(tmp_path, act_fn="topk")
+    layer_tensors = {n: t for n, t in tensors.items() if not n.startswith("dataset_")}
+    baseline = bench.OpenMossDenseMOLT(layer_tensors, top_k=config["top_k"])
+    x = torch.randn(7, 10, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(baseline(x), openmoss_forward(config, tensors, x), "y")
+    # The script end to end on a tiny config (it fails when the two sides disagree).
+    assert (
+        bench.main(["--d", "32", "--n", "1", "--k", "2", "--tokens", "64", "--repeats", "1"]) == 0
+    )
+    assert "| forward+backward |" in capsys.readouterr().out

@@ -19,7 +19,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 
 
 def random_config(rng: random.Random) -> MOLTConfig:
-    """A small random MOLT: 1-4 buckets of arbitrary (not only power-of-two) ranks."""
+    """A small random MOLT: 1-4 buckets of arbitrary (not only power-of-two) ranks, sometimes
+    with the norm-scaled gate, no decoder bias or standardisation (at its identity init)."""
     n_buckets = rng.randint(1, 4)
     ranks = rng.sample(range(1, 40), n_buckets)
     rank_counts = {r: rng.randint(1, 9) for r in ranks}
@@ -34,12 +35,24 @@ def random_config(rng: random.Random) -> MOLTConfig:
         k=k,
         activation=rng.choice(ACTIVATIONS),
         jumprelu_bandwidth=0.5,
+        scale_gate_by_norm=rng.random() < 0.3,
+        standardize=rng.random() < 0.2,
+        decoder_bias=rng.random() < 0.8,
     )
 
 
 def describe(cfg: MOLTConfig) -> str:
     ranks = ",".join(f"{r}x{c}" for r, c in cfg.rank_counts.items())
-    return f"d={cfg.d_in}->{cfg.d_out} ranks={ranks} k={cfg.k} {cfg.activation}"
+    options = "".join(
+        f" {flag}"
+        for flag, on in (
+            ("norm", cfg.scale_gate_by_norm),
+            ("std", cfg.standardize),
+            ("nobias", not cfg.decoder_bias),
+        )
+        if on
+    )
+    return f"d={cfg.d_in}->{cfg.d_out} ranks={ranks} k={cfg.k} {cfg.activation}{options}"
 
 
 def run(n_configs: int, seed: int, backends: list[str], dtypes: list[str], device: str) -> int:

@@ -148,11 +148,10 @@ def load_crosslayer_transcoder(
             f"{source}: model.nonlinearity.theta must be [1, {n_transforms}] (a JumpReLU with "
             f"n_layers=1), got {list(theta.shape)}"
         )
-    bandwidth = positive_finite(
-        source,
-        "model.nonlinearity.bandwidth",
-        float(state["nonlinearity.bandwidth"].reshape(-1)[0]),
-    )
+    bandwidth = state["nonlinearity.bandwidth"]
+    if bandwidth.numel() != 1:
+        raise ValueError(f"{source}: model.nonlinearity.bandwidth must be a scalar")
+    bandwidth = positive_finite(source, "model.nonlinearity.bandwidth", bandwidth.item())
     rows = {name: _standardizer_rows(source, state, name, layer, d) for name in STANDARDIZERS}
 
     cfg = config_or_error(

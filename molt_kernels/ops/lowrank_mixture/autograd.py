@@ -17,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, empty_like, int64, library
 from torch import dtype as DType
 from torch.autograd import Function
 
 from ..configs import plan
 from ..routing import Routing, region_starts, route_pairs
+from . import cpu
 from . import pytorch as torch_impl
 
 # Routing tensors the triton op returns and its backward takes, in this order.
@@ -60,30 +62,44 @@ def _gradients(
 
 
 class _SparseLowRankMixture(Function):
-    """Autograd of the torch backend."""
+    """Autograd of the torch backend: the C++ CPU decode (``cpu.py``) where it runs, else the
+    PyTorch decode (``pytorch.py``)."""
 
     @staticmethod
     def forward(ctx, x, gates, indices, b_dec, n_buckets, *weights):
         U, V = weights[:n_buckets], weights[n_buckets:]
+        ctx.n_buckets = n_buckets
+        ctx.mark_non_differentiable(indices)
+        ctx.uses_extension = cpu.usable_for(x)
+        if ctx.uses_extension:
+            y, row_pair, t_offsets, h_pre = torch.ops.molt_kernels.lowrank_mixture_cpu(
+                x, gates, indices, list(U), list(V), b_dec
+            )
+            ctx.save_for_backward(x, gates, *U, *V, row_pair, t_offsets, h_pre)
+            return y
         bucket_sizes = tuple(v.shape[0] for v in V)
         block_m = torch_impl.block_sizes(x.shape[0], indices.shape[1], bucket_sizes)
         routing = route_pairs(indices, gates != 0, bucket_sizes, block_m)
         y, h_pre = torch_impl.forward(x, gates, routing, U, V, b_dec)
-        ctx.routing, ctx.n_buckets = routing, n_buckets
+        ctx.routing = routing
         ctx.save_for_backward(x, gates, *U, *V, *h_pre)
-        ctx.mark_non_differentiable(indices)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         nb = ctx.n_buckets
         x, gates, *rest = ctx.saved_tensors
-        U, V, h_pre = rest[:nb], rest[nb : 2 * nb], rest[2 * nb :]
+        U, V, state = rest[:nb], rest[nb : 2 * nb], rest[2 * nb :]
         need = ctx.needs_input_grad
         needs = _Needs(need[0], need[1], need[3], any(need[5 : 5 + nb]), any(need[5 + nb :]))
 
         def backward(gy: Tensor, flags: tuple[bool, bool, bool, bool]):
-            return torch_impl.backward(gy, x, gates, ctx.routing, U, V, h_pre, flags)
+            if ctx.uses_extension:
+                grads = torch.ops.molt_kernels.lowrank_mixture_cpu_backward(
+                    gy, x, gates, *state[:2], list(U), list(V), state[2], *flags
+                )
+                return tuple(g if wanted else None for g, wanted in zip(grads, flags))
+            return torch_impl.backward(gy, x, gates, ctx.routing, U, V, state, flags)
 
         dx, dgates, db, dU, dV = _gradients(backward, grad_y, needs, nb)
         return (dx, dgates, None, db, None, *dU, *dV)

@@ -1,0 +1,124 @@
+"""The CPU decode of csrc/lowrank_mixture_cpu.cpp, built on first use.
+
+The extension is compiled with torch.utils.cpp_extension.load the first time it is asked for (then
+cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``) and registers
+``torch.ops.molt_kernels.lowrank_mixture_cpu`` and ``..._backward``: each phase of a step is one
+parallel region of single-threaded GEMMs on gathered rows (see the source's header), instead of
+hundreds of small multi-threaded ATen ops. It uses torch's intra-op thread count and changes no
+process-wide thread state.
+
+Without a C++ compiler or the csrc/ sources, or with ``MOLT_KERNELS_CPU_EXTENSION=0`` in the
+environment, :func:`load_extension` returns None and the torch backend runs the pure-PyTorch
+decode of ``pytorch.py`` (same results up to rounding; both are deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# molt_kernels/ops/lowrank_mixture/cpu.py -> molt_kernels/csrc.
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("lowrank_mixture_cpu.cpp",)
+EXTENSION_NAME = "molt_kernels_lowrank_mixture_cpu"
+DISABLE_ENV = "MOLT_KERNELS_CPU_EXTENSION"
+# dtypes the kernel computes in; others (half inputs are upcast before the decode) use pytorch.py.
+DTYPES = (torch.float32, torch.float64)
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be used here, or None if it can be tried."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"disabled by {DISABLE_ENV}=0"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not on PATH; set CXX)"
+    missing = [name for name in SOURCES if not (CSRC / name).is_file()]
+    if missing:
+        return f"sources {missing} not found under {CSRC}: reinstall molt_kernels"
+    return None
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """``torch.ops.molt_kernels`` with the CPU decode built and loaded, or None.
+
+    None means: use the pure-PyTorch decode; the reason is logged once, as a warning when a build
+    failed, at info level when it was disabled or no compiler is there. Cached: one attempt per
+    process (the first one compiles, about a minute; later processes load the cached build).
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        log.info("CPU decode extension unavailable, using the PyTorch decode: %s", reason)
+        return None
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(
+            name=EXTENSION_NAME,
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_cflags=["-O3"],
+            is_python_module=False,
+        )
+    except Exception as exc:  # any build failure means: fall back to the PyTorch decode
+        log.warning("building the CPU decode extension failed, using the PyTorch decode: %s", exc)
+        return None
+    torch.library.register_fake("molt_kernels::lowrank_mixture_cpu")(_forward_fake)
+    torch.library.register_fake("molt_kernels::lowrank_mixture_cpu_backward")(_backward_fake)
+    return torch.ops.molt_kernels
+
+
+@torch.compiler.assume_constant_result
+def extension_enabled() -> bool:
+    """True when the extension is (or can be) loaded; a constant under torch.compile."""
+    return load_extension() is not None
+
+
+def usable_for(x: Tensor) -> bool:
+    """Whether the extension runs this decode: x on the CPU in fp32 / fp64, extension built."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and extension_enabled()
+
+
+def _forward_fake(
+    x: Tensor, gates: Tensor, indices: Tensor, U: list[Tensor], V: list[Tensor], b_dec: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Shapes for torch.compile: h_pre's length (sum of r_t over routed pairs) is data-dependent."""
+    n_transforms = sum(v.shape[0] for v in V)
+    h_len = torch.library.get_ctx().new_dynamic_size()
+    return (
+        x.new_empty(x.shape[0], U[0].shape[1]),
+        indices.new_empty(indices.numel()),
+        indices.new_empty(n_transforms + 1),
+        x.new_empty(h_len),
+    )
+
+
+def _backward_fake(
+    grad_y: Tensor,
+    x: Tensor,
+    gates: Tensor,
+    row_pair: Tensor,
+    t_offsets: Tensor,
+    U: list[Tensor],
+    V: list[Tensor],
+    h_pre: Tensor,
+    need_x: bool,
+    need_gates: bool,
+    need_U: bool,
+    need_V: bool,
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    return (
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        torch.empty_like(gates) if need_gates else gates.new_empty(0),
+        [torch.empty_like(u) for u in U] if need_U else [],
+        [torch.empty_like(v) for v in V] if need_V else [],
+    )

@@ -42,8 +42,8 @@ using at::Tensor;
 constexpr int64_t kRowChunk = 512;
 // Target rows per (token tile, transform) GEMM of the per-tile phases; tiles are also capped so
 // that there are at least kMinTiles of them to balance.
-constexpr int64_t kTileRows = 64;
-constexpr int64_t kMinTiles = 8;
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kMinTiles = 4;
 
 // Fortran BLAS of the BLAS torch links (MKL in the x86 wheels: libtorch_cpu exports sgemm_ and
 // dgemm_, while at::native::cpublas::gemm is not exported). Weak, so that a torch without them
@@ -55,7 +55,25 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (returns the previous one; 0 means "the global setting").
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // the C entry point
 }
+
+// Makes BLAS calls on this thread single-threaded while alive. MKL would otherwise start its own
+// threads inside our parallel region: on a busy machine that oversubscription made a step ~10x
+// slower. Thread-local, so nothing outside this library changes.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 template <typename scalar_t>
 using blas_gemm_t = void (*)(const char*, const char*, const int*, const int*, const int*,
@@ -109,6 +127,7 @@ void for_each_unit(int64_t n_units, MakeBuffers make_buffers, Unit unit) {
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_units);
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
+    const SingleThreadedBlas single_threaded;
     auto buffers = make_buffers();
     for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) unit(buffers, u);
   });
@@ -238,45 +257,78 @@ struct Scratch {
   }
 };
 
+// Per-transform phase of the forward, in row chunks of kRowChunk: h_pre rows = X_rows V_t^T.
 template <typename scalar_t>
-void forward_impl(const Problem<scalar_t>& p, const scalar_t* x, const scalar_t* gates,
-                  const scalar_t* b_dec, scalar_t* y, scalar_t* h_pre) {
+void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_pre) {
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (transform, first row)
+  for (int64_t t = 0; t < p.n_transforms; ++t)
+    for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += kRowChunk)
+      chunks.emplace_back(t, row0);
+  for_each_unit(
+      static_cast<int64_t>(chunks.size()),
+      [&] {
+        Scratch s;
+        s.take<scalar_t>(kRowChunk * p.d_in);
+        return s;
+      },
+      [&](Scratch& s, int64_t u) {
+        const auto [t, row0] = chunks[u];
+        const int64_t m = std::min(kRowChunk, p.t_offsets[t + 1] - row0), r = p.rank[t];
+        scalar_t* xs = s.keep[0].data_ptr<scalar_t>();
+        gather_rows(xs, x, m, p.d_in, [&](int64_t i) { return p.token(row0 + i); });
+        scalar_t* h = h_pre + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
+        matmul<scalar_t>(false, true, m, r, p.d_in, xs, p.d_in, p.V[t], p.d_in, 0, h, r);
+      });
+}
+
+// Per token tile: out[token] = init + sum over the token's rows, in transform order, of
+// (scale_row * rank_row) W_t, where rank rows have the h_pre layout, scale is the row's gate (or
+// 1 when gates is null) and W_t is [r_t, width] (w_transposed: stored [width, r_t]).
+template <typename scalar_t>
+void expand_to_tokens(const Problem<scalar_t>& p, const scalar_t* rank_rows, const scalar_t* gates,
+                      const std::vector<const scalar_t*>& W, bool w_transposed, int64_t width,
+                      const scalar_t* init, scalar_t* out) {
   const int64_t tile = p.tile_tokens();
   const int64_t n_tiles = (p.n_tokens + tile - 1) / tile;
   const int64_t max_rank = *std::max_element(p.rank.begin(), p.rank.end());
   const int64_t max_rows = tile * p.n_slots;
-  struct Buffers {
-    Scratch s;
-    scalar_t *xs, *hg, *out;
-  };
   for_each_unit(
       n_tiles,
       [&] {
-        Buffers b;
-        b.xs = b.s.template take<scalar_t>(max_rows * p.d_in);
-        b.hg = b.s.template take<scalar_t>(max_rows * max_rank);
-        b.out = b.s.template take<scalar_t>(max_rows * p.d_out);
-        return b;
+        Scratch s;
+        s.take<scalar_t>(max_rows * max_rank);
+        s.take<scalar_t>(max_rows * width);
+        return s;
       },
-      [&](Buffers& b, int64_t u) {
+      [&](Scratch& s, int64_t u) {
+        scalar_t* scaled = s.keep[0].data_ptr<scalar_t>();
+        scalar_t* prod = s.keep[1].data_ptr<scalar_t>();
         const int64_t tok0 = u * tile, tok1 = std::min(p.n_tokens, tok0 + tile);
-        for (int64_t n = tok0; n < tok1; ++n) std::copy_n(b_dec, p.d_out, y + n * p.d_out);
+        for (int64_t n = tok0; n < tok1; ++n) {
+          if (init != nullptr) {
+            std::copy_n(init, width, out + n * width);
+          } else {
+            std::fill_n(out + n * width, width, scalar_t(0));
+          }
+        }
         for (int64_t t = 0; t < p.n_transforms; ++t) {
           const auto [row0, row1] = p.rows_in_tile(t, tok0, tok1);
           const int64_t m = row1 - row0, r = p.rank[t];
           if (m == 0) continue;
-          gather_rows(b.xs, x, m, p.d_in, [&](int64_t i) { return p.token(row0 + i); });
-          scalar_t* h = h_pre + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
-          matmul<scalar_t>(false, true, m, r, p.d_in, b.xs, p.d_in, p.V[t], p.d_in, 0, h, r);
-          for (int64_t i = 0; i < m; ++i) {
-            const scalar_t g = gates[p.row_pair[row0 + i]];
-            for (int64_t j = 0; j < r; ++j) b.hg[i * r + j] = g * h[i * r + j];
+          const scalar_t* a = rank_rows + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
+          if (gates != nullptr) {
+            for (int64_t i = 0; i < m; ++i) {
+              const scalar_t g = gates[p.row_pair[row0 + i]];
+              for (int64_t j = 0; j < r; ++j) scaled[i * r + j] = g * a[i * r + j];
+            }
+            a = scaled;
           }
-          matmul<scalar_t>(false, true, m, p.d_out, r, b.hg, r, p.U[t], r, 0, b.out, p.d_out);
+          matmul<scalar_t>(false, w_transposed, m, width, r, a, r, W[t], w_transposed ? r : width,
+                           0, prod, width);
           for (int64_t i = 0; i < m; ++i) {
-            scalar_t* dst = y + p.token(row0 + i) * p.d_out;
-            const scalar_t* src = b.out + i * p.d_out;
-            for (int64_t j = 0; j < p.d_out; ++j) dst[j] += src[j];
+            scalar_t* dst = out + p.token(row0 + i) * width;
+            const scalar_t* src = prod + i * width;
+            for (int64_t j = 0; j < width; ++j) dst[j] += src[j];
           }
         }
       });
@@ -301,9 +353,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lowrank_mixture_cpu(const Tensor& x,
     std::tie(row_pair, t_offsets) = route<scalar_t>(indices.contiguous(), gc, n_transforms);
     const auto p = make_problem<scalar_t>(xc, gc, Uc, Vc, row_pair, t_offsets);
     h_pre = at::empty({p.h_offset.back()}, x.options());
-    forward_impl<scalar_t>(p, xc.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
-                           bc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                           h_pre.data_ptr<scalar_t>());
+    forward_shrink<scalar_t>(p, xc.data_ptr<scalar_t>(), h_pre.data_ptr<scalar_t>());
+    expand_to_tokens<scalar_t>(p, h_pre.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), p.U,
+                               /*w_transposed=*/true, p.d_out, bc.data_ptr<scalar_t>(),
+                               y.data_ptr<scalar_t>());
   });
   return {y, row_pair, t_offsets, h_pre};
 }
@@ -374,40 +427,6 @@ void backward_transforms(const Problem<scalar_t>& p, const scalar_t* grad_y, con
       });
 }
 
-// dx per token tile: dx[token] = sum over its rows of dH_pre_row V_t, in transform order.
-template <typename scalar_t>
-void backward_dx(const Problem<scalar_t>& p, const scalar_t* dh_pre, scalar_t* dx) {
-  const int64_t tile = p.tile_tokens();
-  const int64_t n_tiles = (p.n_tokens + tile - 1) / tile;
-  struct Buffers {
-    Scratch s;
-    scalar_t* out;
-  };
-  for_each_unit(
-      n_tiles,
-      [&] {
-        Buffers b;
-        b.out = b.s.template take<scalar_t>(tile * p.n_slots * p.d_in);
-        return b;
-      },
-      [&](Buffers& b, int64_t u) {
-        const int64_t tok0 = u * tile, tok1 = std::min(p.n_tokens, tok0 + tile);
-        std::fill(dx + tok0 * p.d_in, dx + tok1 * p.d_in, scalar_t(0));
-        for (int64_t t = 0; t < p.n_transforms; ++t) {
-          const auto [row0, row1] = p.rows_in_tile(t, tok0, tok1);
-          const int64_t m = row1 - row0, r = p.rank[t];
-          if (m == 0) continue;
-          const scalar_t* dh = dh_pre + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
-          matmul<scalar_t>(false, false, m, p.d_in, r, dh, r, p.V[t], p.d_in, 0, b.out, p.d_in);
-          for (int64_t i = 0; i < m; ++i) {
-            scalar_t* dst = dx + p.token(row0 + i) * p.d_in;
-            const scalar_t* src = b.out + i * p.d_in;
-            for (int64_t j = 0; j < p.d_in; ++j) dst[j] += src[j];
-          }
-        }
-      });
-}
-
 std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> lowrank_mixture_cpu_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& gates, const Tensor& row_pair,
     const Tensor& t_offsets, at::TensorList U, at::TensorList V, const Tensor& h_pre,
@@ -444,7 +463,9 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>> lowrank_mix
                                     gc.data_ptr<scalar_t>(), h_pre.data_ptr<scalar_t>(),
                                     need_x ? dh_pre.data_ptr<scalar_t>() : nullptr,
                                     need_gates ? dgates.data_ptr<scalar_t>() : nullptr, dUt, dVt);
-    if (need_x) backward_dx<scalar_t>(p, dh_pre.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
+    if (need_x)
+      expand_to_tokens<scalar_t>(p, dh_pre.data_ptr<scalar_t>(), nullptr, p.V,
+                                 /*w_transposed=*/false, p.d_in, nullptr, dx.data_ptr<scalar_t>());
   });
   return {dx, dgates, dU, dV};
 }

@@ -7,9 +7,9 @@ parallel region of single-threaded GEMMs on gathered rows (see the source's head
 hundreds of small multi-threaded ATen ops. It uses torch's intra-op thread count and changes no
 process-wide thread state.
 
-Without a C++ compiler or the csrc/ sources, or with ``MOLT_KERNELS_CPU_EXTENSION=0`` in the
-environment, :func:`load_extension` returns None and the torch backend runs the pure-PyTorch
-decode of ``pytorch.py`` (same results up to rounding; both are deterministic).
+Without a C++ compiler or the csrc/ sources :func:`load_extension` returns None, and with
+``MOLT_KERNELS_CPU_EXTENSION=0`` in the environment it is not used: the torch backend then runs
+the pure-PyTorch decode of ``pytorch.py`` (same results up to rounding; both deterministic).
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ DTYPES = (torch.float32, torch.float64)
 
 def unavailable_reason() -> str | None:
     """Why the extension cannot be used here, or None if it can be tried."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return f"disabled by {DISABLE_ENV}=0"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} not on PATH; set CXX)"
@@ -79,8 +77,9 @@ def load_extension() -> ModuleType | None:
 
 @torch.compiler.assume_constant_result
 def extension_enabled() -> bool:
-    """True when the extension is (or can be) loaded; a constant under torch.compile."""
-    return load_extension() is not None
+    """True unless ``MOLT_KERNELS_CPU_EXTENSION=0`` or the extension cannot be built (read on
+    every call, so the switch works at any time; a constant under torch.compile)."""
+    return os.environ.get(DISABLE_ENV, "1") != "0" and load_extension() is not None
 
 
 def usable_for(x: Tensor) -> bool:

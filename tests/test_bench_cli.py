@@ -111,3 +111,21 @@ def test_gate_table_runs_and_writes_json(tmp_path, capsys):
 
     extra = bytes_moved("unfused", 32, 256, 16, 8, 4) - bytes_moved("triton", 32, 256, 16, 8, 4)
     assert extra == 4 * 32 * 256 * 4
+
+
+def test_contend_runs_busy_processes_and_stops_them(tmp_path):
+    import os
+
+    from molt_kernels.tools.bench.contend import busy_processes
+
+    with busy_processes(2) as pids:
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, 0)  # alive
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    path = tmp_path / "bench.json"
+    tiny = [*TINY, "--k", "4", "--no-transcoder", "--modes", "forward"]
+    assert bench.main([*tiny, "--contend", "1", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["contend"] == 1

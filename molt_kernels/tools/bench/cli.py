@@ -21,6 +21,7 @@ from ...layers.flops import (
     matched_transcoder,
     molt_reference_cost,
 )
+from .contend import busy_processes
 from .measure import (
     DEFAULT_MAX_RUN_SECONDS,
     DEFAULT_REPEATS,
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument(
+        "--contend",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy processes (one spinning core each) beside the measurement, as on a "
+        "shared machine; they are stopped afterwards",
+    )
+    p.add_argument(
         "--gate",
         action="store_true",
         help="time the gate alone (fused gated top-k vs F.linear + relu + torch.topk) over "
@@ -201,14 +210,20 @@ def measure(
 
     from tqdm import tqdm
 
+    if args.contend < 0:
+        parser.error("--contend must be >= 0")
     load_before = _load_average()
-    runner = Runner(args, device, dtype)
     results: list[Result] = []
     total = len(todo) * len(impls) * len(args.modes)
-    with tqdm(total=total, desc="bench", file=sys.stderr, disable=args.no_progress) as bar:
+    with (
+        busy_processes(args.contend),
+        tqdm(total=total, desc="bench", file=sys.stderr, disable=args.no_progress) as bar,
+    ):
+        runner = Runner(args, device, dtype)
         for info in todo:
             bar.set_postfix_str(info.case.name)
             results += runner.run_case(info, impls, bar)
+        load_during = _load_average()
     order = {i.case: n for n, i in enumerate(infos)}
     results.sort(key=lambda r: (order[_case(r)], impls.index(r.impl)))
     return {
@@ -222,7 +237,8 @@ def measure(
         "dtype": str(dtype).removeprefix("torch."),
         "dense_matmul": runner.matmul,
         # Other processes' load skews CPU timings; allocator settings change them (see RESULTS.md).
-        "load_average": {"before": load_before, "after": _load_average()},
+        "load_average": {"before": load_before, "after": load_during},
+        "contend": args.contend,
         "environment": {name: os.environ.get(name) for name in RECORDED_ENV},
         "impls": impls,
         "cases": [_case_json(i) for i in infos],
@@ -235,8 +251,6 @@ def _load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
-
-
 
 
 def gate_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -264,8 +278,10 @@ def gate_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         args.k or bench_gate.GRID_K,
         tokens,
     )
-    print(f"# gate: {device_name(device)}, {str(dtype).removeprefix('torch.')}, torch "
-          f"{torch.__version__}, median of {repeats}")
+    print(
+        f"# gate: {device_name(device)}, {str(dtype).removeprefix('torch.')}, torch "
+        f"{torch.__version__}, median of {repeats}"
+    )
     print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -209,8 +209,6 @@ def plot(results: Sequence[Result], path: Path) -> None:
     plt.close(fig)
 
 
-
-
 def render_report(report: dict[str, Any]) -> str:
     """The tables and skip notes of a report from :func:`measure`."""
     results = [Result(**r) for r in report["results"]]
@@ -225,6 +223,11 @@ def render_report(report: dict[str, Any]) -> str:
                 f"dense {mm['size']}x{mm['size']} matmul: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s",
                 f"load average before/after: {report['load_average']['before']} / "
                 f"{report['load_average']['after']}",
+                *(
+                    [f"{report['contend']} busy processes beside it"]
+                    if report.get("contend")
+                    else []
+                ),
                 *(f"{k}={v}" for k, v in report["environment"].items() if v is not None),
             ]
         ),

@@ -146,3 +146,31 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(cpu.DISABLE_ENV, "0")
     assert not cpu.usable_for(x)
     assert not cpu.usable_for(x.half())
+
+
+def test_torch_backend_compiles_with_fullgraph():
+    # The gate's top-k (no data-dependent branch while compiling) and the extension's decode (no
+    # .tolist(); h_pre's data-dependent length is an unbacked size) trace as one graph.
+    if cpu.load_extension() is None:
+        pytest.skip("CPU extension unavailable: the PyTorch decode reads the routing on the host")
+    from molt_kernels import MOLT, MOLTConfig
+
+    torch._dynamo.reset()
+    cfg = MOLTConfig(d_in=16, rank_counts={8: 3, 4: 6}, k=3)
+    layer = MOLT(cfg, backend="torch", dtype=torch.float64)
+    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        acts = torch.relu(torch.nn.functional.linear(x, layer.W_gate, layer.b_gate))
+    assert ((acts > 0).sum(1) < cfg.k).any()  # some rows take the gate's tie-exact path
+
+    def step(f):
+        layer.zero_grad()
+        x.grad = None
+        y = f(x)
+        y.square().sum().backward()
+        return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+    eager = step(layer)
+    compiled = step(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -27,6 +27,9 @@ def topk_lowest_index(values: Tensor, k: int) -> Tensor:
     # Equal values inside the selection: ascending ids, then a stable sort by value.
     ids = top.indices.sort(dim=1).values
     ids = ids.gather(1, torch.sort(key.gather(1, ids), dim=1, descending=True, stable=True).indices)
+    if torch.compiler.is_compiling():
+        # No data-dependent branch in a graph: the exact rule for every row, kept where needed.
+        return torch.where(straddling[:, None], _topk_lowest_index_exact(key, k), ids)
     if straddling.any():
         rows = straddling.nonzero()[:, 0]
         ids[rows] = _topk_lowest_index_exact(key[rows], k)

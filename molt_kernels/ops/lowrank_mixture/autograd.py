@@ -67,26 +67,30 @@ class _SparseLowRankMixture(Function):
 
     @staticmethod
     def forward(ctx, x, gates, indices, b_dec, n_buckets, *weights):
+        """(y [N, d_out], h_pre): h_pre is the extension's saved rank-space activations (its length
+        is data-dependent), returned so that torch.compile sees where its size comes from; empty on
+        the PyTorch path. Both outputs' gradients other than y's are ignored."""
         U, V = weights[:n_buckets], weights[n_buckets:]
         ctx.n_buckets = n_buckets
-        ctx.mark_non_differentiable(indices)
         ctx.uses_extension = cpu.usable_for(x)
         if ctx.uses_extension:
             y, row_pair, t_offsets, h_pre = torch.ops.molt_kernels.lowrank_mixture_cpu(
                 x, gates, indices, list(U), list(V), b_dec
             )
             ctx.save_for_backward(x, gates, *U, *V, row_pair, t_offsets, h_pre)
-            return y
-        bucket_sizes = tuple(v.shape[0] for v in V)
-        block_m = torch_impl.block_sizes(x.shape[0], indices.shape[1], bucket_sizes)
-        routing = route_pairs(indices, gates != 0, bucket_sizes, block_m)
-        y, h_pre = torch_impl.forward(x, gates, routing, U, V, b_dec)
-        ctx.routing = routing
-        ctx.save_for_backward(x, gates, *U, *V, *h_pre)
-        return y
+        else:
+            bucket_sizes = tuple(v.shape[0] for v in V)
+            block_m = torch_impl.block_sizes(x.shape[0], indices.shape[1], bucket_sizes)
+            routing = route_pairs(indices, gates != 0, bucket_sizes, block_m)
+            y, h_pre_per_bucket = torch_impl.forward(x, gates, routing, U, V, b_dec)
+            ctx.routing = routing
+            ctx.save_for_backward(x, gates, *U, *V, *h_pre_per_bucket)
+            h_pre = x.new_empty(0)
+        ctx.mark_non_differentiable(h_pre)
+        return y, h_pre
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_h_pre):
         nb = ctx.n_buckets
         x, gates, *rest = ctx.saved_tensors
         U, V, state = rest[:nb], rest[nb : 2 * nb], rest[2 * nb :]
@@ -239,4 +243,4 @@ def lowrank_mixture_torch(
     b_dec: Tensor,
 ) -> Tensor:
     """The torch backend's decode, differentiable (see ``_SparseLowRankMixture``)."""
-    return _SparseLowRankMixture.apply(x, gates, indices, b_dec, len(U), *U, *V)
+    return _SparseLowRankMixture.apply(x, gates, indices, b_dec, len(U), *U, *V)[0]

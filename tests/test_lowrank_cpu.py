@@ -138,7 +138,7 @@ def test_extension_and_fallback_agree(monkeypatch):
     monkeypatch.setenv(cpu.DISABLE_ENV, "0")
     fallback = _run("torch", *problem, grad_y)
     for a, b in zip(ext, fallback):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # same kernels: exact
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -148,7 +148,22 @@ def test_disabled_by_environment(monkeypatch):
     assert not cpu.usable_for(x.half())
 
 
-def test_torch_backend_compiles_with_fullgraph():
+def test_fp32_gate_topk_packed_keys_follow_the_tie_rule():
+    from molt_kernels.ops.gate_topk import pytorch as gate
+
+    for trial in range(30):
+        n, t = 40, int(torch.randint(8, 300, ()))
+        k = int(torch.randint(1, min(t, 40), ()))
+        v = torch.randn(n, t).relu()
+        v[torch.rand(n, t) < 0.1] = float("nan") if trial % 2 else 0.5
+        for special in (float("inf"), -0.0, -float("inf")):
+            v[torch.rand(n, t) < 0.05] = special
+        exact = gate._topk_lowest_index_exact(torch.nan_to_num(v, nan=float("inf")), k)
+        assert torch.equal(gate.topk_lowest_index(v, k), exact), trial
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_backend_compiles_with_fullgraph(dtype):
     # The gate's top-k (no data-dependent branch while compiling) and the extension's decode (no
     # .tolist(); h_pre's data-dependent length is an unbacked size) trace as one graph.
     if cpu.load_extension() is None:
@@ -157,8 +172,8 @@ def test_torch_backend_compiles_with_fullgraph():
 
     torch._dynamo.reset()
     cfg = MOLTConfig(d_in=16, rank_counts={8: 3, 4: 6}, k=3)
-    layer = MOLT(cfg, backend="torch", dtype=torch.float64)
-    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    layer = MOLT(cfg, backend="torch", dtype=dtype)
+    x = torch.randn(40, 16, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         acts = torch.relu(torch.nn.functional.linear(x, layer.W_gate, layer.b_gate))
     assert ((acts > 0).sum(1) < cfg.k).any()  # some rows take the gate's tie-exact path
@@ -173,4 +188,4 @@ def test_torch_backend_compiles_with_fullgraph():
     eager = step(layer)
     compiled = step(torch.compile(layer, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # same kernels: exact

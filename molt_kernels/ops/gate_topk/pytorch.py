@@ -16,12 +16,15 @@ from .activation import apply_activation
 def topk_lowest_index(values: Tensor, k: int) -> Tensor:
     """Indices [N, k] of the k largest values per row, ties to the lower index, in order.
 
-    One top-k decides every row whose k-th value is not tied with an unselected element; only
-    rows where a tie straddles the cut (e.g. relu zeros when fewer than k are positive) take the
-    exact, slower path. NaN counts as +inf, so a row with NaN still yields k distinct indices
-    (only that row changes).
+    fp32 (the CPU gate's dtype): one top-k over packed (value, id) keys, a fixed handful of ops
+    per call. Otherwise one top-k decides every row whose k-th value is not tied with an
+    unselected element; only rows where a tie straddles the cut (e.g. relu zeros when fewer than
+    k are positive) take the exact, slower path. NaN counts as +inf, so a row with NaN still
+    yields k distinct indices (only that row changes).
     """
     key = torch.nan_to_num(values, nan=float("inf"))
+    if key.dtype == torch.float32 and key.shape[1] < _ID_BASE:
+        return _packed_keys(key).topk(k, dim=1).indices
     top = key.topk(k, dim=1)
     straddling = (key >= top.values[:, -1:]).sum(dim=1) > k
     # Equal values inside the selection: ascending ids, then a stable sort by value.
@@ -34,6 +37,23 @@ def topk_lowest_index(values: Tensor, k: int) -> Tensor:
         rows = straddling.nonzero()[:, 0]
         ids[rows] = _topk_lowest_index_exact(key[rows], k)
     return ids
+
+
+# Packed keys hold _ID_BASE - id in their low 32 bits: among equal values the lower id is larger.
+_ID_BASE = 2**31 - 1
+
+
+def _packed_keys(values: Tensor) -> Tensor:
+    """int64 keys [N, T] of fp32 values without NaN: signed order = (value, then lower id).
+
+    One top-k over distinct keys then applies the tie rule to every row with a handful of
+    elementwise ops and no data-dependent branch (the layout of ops/gate_topk/sort.py's keys).
+    """
+    bits = values.contiguous().view(torch.int32)
+    bits = torch.where(values == 0, 0, bits)  # -0.0 and +0.0 are one value
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order-preserving for negatives
+    ids = torch.arange(values.shape[1], device=values.device, dtype=torch.int64)
+    return (bits.to(torch.int64) << 32) | (_ID_BASE - ids)
 
 
 def _topk_lowest_index_exact(key: Tensor, k: int) -> Tensor:

@@ -87,11 +87,15 @@ class _SparseLowRankMixture(Function):
             ctx.save_for_backward(x, gates, *U, *V, *h_pre_per_bucket)
             h_pre = x.new_empty(0)
         ctx.mark_non_differentiable(h_pre)
+        # h_pre never gets a gradient: do not fill one with zeros for backward.
+        ctx.set_materialize_grads(False)
         return y, h_pre
 
     @staticmethod
     def backward(ctx, grad_y, _grad_h_pre):
         nb = ctx.n_buckets
+        if grad_y is None:  # y did not reach the loss
+            return (None,) * (5 + 2 * nb)
         x, gates, *rest = ctx.saved_tensors
         U, V, state = rest[:nb], rest[nb : 2 * nb], rest[2 * nb :]
         need = ctx.needs_input_grad

@@ -18,16 +18,15 @@ import functools
 import logging
 import os
 import shutil
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from ..extension import build, missing_sources
+
 log = logging.getLogger(__name__)
 
-# molt_kernels/ops/lowrank_mixture/cpu.py -> molt_kernels/csrc.
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("lowrank_mixture_cpu.cpp",)
 EXTENSION_NAME = "molt_kernels_lowrank_mixture_cpu"
 DISABLE_ENV = "MOLT_KERNELS_CPU_EXTENSION"
@@ -40,10 +39,7 @@ def unavailable_reason() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} not on PATH; set CXX)"
-    missing = [name for name in SOURCES if not (CSRC / name).is_file()]
-    if missing:
-        return f"sources {missing} not found under {CSRC}: reinstall molt_kernels"
-    return None
+    return missing_sources(SOURCES)
 
 
 @functools.cache
@@ -58,17 +54,7 @@ def load_extension() -> ModuleType | None:
     if reason is not None:
         log.info("CPU decode extension unavailable, using the PyTorch decode: %s", reason)
         return None
-    from torch.utils.cpp_extension import load
-
-    try:
-        load(
-            name=EXTENSION_NAME,
-            sources=[str(CSRC / name) for name in SOURCES],
-            extra_cflags=["-O3"],
-            is_python_module=False,
-        )
-    except Exception as exc:  # any build failure means: fall back to the PyTorch decode
-        log.warning("building the CPU decode extension failed, using the PyTorch decode: %s", exc)
+    if not build(EXTENSION_NAME, SOURCES, log, "the PyTorch decode", extra_cflags=["-O3"]):
         return None
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu")(_forward_fake)
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu_backward")(_backward_fake)

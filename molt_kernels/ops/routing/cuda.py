@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from ..extension import CSRC, build, missing_sources
 from . import Routing, region_starts
 
 log = logging.getLogger(__name__)
 
-# molt_kernels/ops/routing/cuda.py -> molt_kernels/csrc.
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("routing.cu", "routing_torch.cpp")
 EXTENSION_NAME = "molt_kernels_routing"
 
@@ -41,10 +39,7 @@ def unavailable_reason() -> str | None:
             f"no CUDA toolkit (nvcc) found: install the CUDA toolkit {torch.version.cuda} (nvcc) "
             "and set CUDA_HOME to it"
         )
-    missing = [name for name in SOURCES if not (CSRC / name).is_file()]
-    if missing:
-        return f"sources {missing} not found under {CSRC}: reinstall molt_kernels"
-    return None
+    return missing_sources(SOURCES)
 
 
 @functools.cache
@@ -60,18 +55,8 @@ def load_extension() -> ModuleType | None:
         if torch.cuda.is_available():
             log.warning("CUDA routing extension unavailable, using PyTorch routing: %s", reason)
         return None
-    from torch.utils.cpp_extension import load
-
-    try:
-        load(
-            name=EXTENSION_NAME,
-            sources=[str(CSRC / name) for name in SOURCES],
-            extra_include_paths=[str(CSRC)],
-            extra_cuda_cflags=["-O3"],
-            is_python_module=False,
-        )
-    except Exception as exc:  # any build failure means: fall back to the PyTorch routing
-        log.warning("building the CUDA routing extension failed, using PyTorch routing: %s", exc)
+    flags = dict(extra_include_paths=[str(CSRC)], extra_cuda_cflags=["-O3"])
+    if not build(EXTENSION_NAME, SOURCES, log, "PyTorch routing", **flags):
         return None
     torch.library.register_fake("molt_kernels::route_pairs_cuda")(_route_pairs_fake)
     return torch.ops.molt_kernels

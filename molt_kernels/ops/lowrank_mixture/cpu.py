@@ -22,6 +22,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..extension import build, missing_sources
 
@@ -58,7 +59,10 @@ def load_extension() -> ModuleType | None:
         return None
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu")(_forward_fake)
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu_backward")(_backward_fake)
-    return torch.ops.molt_kernels
+    ops = torch.ops.molt_kernels
+    register_flop_formula(ops.lowrank_mixture_cpu)(_forward_flops)
+    register_flop_formula(ops.lowrank_mixture_cpu_backward)(_backward_flops)
+    return ops
 
 
 @torch.compiler.assume_constant_result
@@ -107,3 +111,27 @@ def _backward_fake(
         [torch.empty_like(u) for u in U] if need_U else [],
         [torch.empty_like(v) for v in V] if need_V else [],
     )
+
+
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (registered when the extension loads; a mode
+# created before that does not see them). h_pre holds sum over routed pairs of r_t
+# values, so 2 * len(h_pre) FLOPs per unit of width for each GEMM of the decode.
+def _forward_flops(x_shape, gates_shape, indices_shape, U_shapes, V_shapes, b_shape, out_shape):
+    h_len = out_shape[3][0]
+    return 2 * h_len * (x_shape[1] + U_shapes[0][1])  # shrink (d_in) + expand (d_out)
+
+
+def _backward_flops(
+    grad_y_shape,
+    x_shape,
+    gates_shape,
+    row_pair_shape,
+    t_offsets_shape,
+    U_shapes,
+    V_shapes,
+    h_pre_shape,
+    *_flags,
+    out_shape,
+):
+    d_in, d_out = x_shape[1], grad_y_shape[1]
+    return 2 * h_pre_shape[0] * 2 * (d_in + d_out)  # dH, dU (d_out); dV, dx (d_in)

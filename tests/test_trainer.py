@@ -9,19 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from molt_kernels.data import iter_texts
 from molt_kernels.interp.activations import (
     Hookpoints,
     ShufflingBuffer,
     TextStream,
     forward_hookpoints,
 )
+from molt_kernels.interp.data import iter_texts
 from molt_kernels.interp.models.hf import find_mlp_paths
 from molt_kernels.interp.objective import batch_topk
 from molt_kernels.interp.schedules import annealed_k, linear_warmup, lr_factor
 from molt_kernels.interp.trainer import Trainer, TrainerConfig
-from molt_kernels.modules import MOLT, MOLTConfig
-from molt_kernels.transcoder import TopKTranscoder, TranscoderConfig
+from molt_kernels.layers.molt import MOLT, MOLTConfig
+from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

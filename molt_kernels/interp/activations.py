@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molt_kernels.replace import get_module
+from molt_kernels.interp.replace import get_module
 
 Prepare = Callable[[list[str]], tuple[dict[str, Tensor], Tensor]]
 """texts -> (keyword arguments of ``model``, keep mask [B, T] bool over token positions)."""

@@ -99,7 +99,7 @@ def iter_file_texts(path: str | Path, max_chars_per_text: int = 400) -> Iterator
                     try:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{path}:{number}: expected {{\"text\": ...}}") from e
+                        raise ValueError(f'{path}:{number}: expected {{"text": ...}}') from e
                     yield from _topic_chunks(text, max_chars_per_text)
             return
         block: list[str] = []

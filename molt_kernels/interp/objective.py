@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from molt_kernels import functional as MF
-from molt_kernels.modules import MOLT
+from molt_kernels.layers import functional as MF
+from molt_kernels.layers.molt import MOLT
 
 BATCH_TOPK_CANDIDATES = 4
 

@@ -56,9 +56,7 @@ from molt_kernels.interp.activations import (
     collect_rows,
     forward_hookpoints,
 )
-from molt_kernels.interp.objective import LayerObjective, n_units, output_weights
-from molt_kernels.interp.schedules import LR_DECAYS, annealed_k, linear_warmup, lr_factor
-from molt_kernels.metrics import (
+from molt_kernels.interp.metrics import (
     DeadTracker,
     fired_units,
     fvu,
@@ -68,9 +66,11 @@ from molt_kernels.metrics import (
     molt_jacobian,
     transcoder_jacobian,
 )
-from molt_kernels.modules import MOLT
-from molt_kernels.replace import get_module
-from molt_kernels.train import PENALTY_FORMS, fit_gate_bias, init_from_data
+from molt_kernels.interp.objective import LayerObjective, n_units, output_weights
+from molt_kernels.interp.replace import get_module
+from molt_kernels.interp.schedules import LR_DECAYS, annealed_k, linear_warmup, lr_factor
+from molt_kernels.interp.train import PENALTY_FORMS, fit_gate_bias, init_from_data
+from molt_kernels.layers.molt import MOLT
 
 LayerFactory = Callable[[int, int, int], nn.Module]
 """(hookpoint index, d_in, d_out) -> a fresh MOLT or TopKTranscoder."""
@@ -252,9 +252,7 @@ class _LayerState:
             layer, out_weight, cfg.sparsity_form, cfg.sparsity_c, cfg.batch_topk
         )
         self.objective = objective
-        self.module: nn.Module = (
-            DistributedDataParallel(objective) if ddp else objective
-        )
+        self.module: nn.Module = DistributedDataParallel(objective) if ddp else objective
         self.optimizer = torch.optim.AdamW(
             layer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from molt_kernels.config import MOLTConfig
-from molt_kernels.flops import matched_transcoder
 from molt_kernels.interp.activations import TextStream
 from molt_kernels.interp.schedules import LR_DECAYS
+from molt_kernels.interp.train import PENALTY_FORMS
 from molt_kernels.interp.trainer import Trainer, TrainerConfig, setup_distributed
-from molt_kernels.modules import MOLT
-from molt_kernels.train import PENALTY_FORMS
-from molt_kernels.transcoder import TopKTranscoder, TranscoderConfig
+from molt_kernels.layers.config import MOLTConfig
+from molt_kernels.layers.flops import matched_transcoder
+from molt_kernels.layers.molt import MOLT
+from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig
 
 PLOT_FILE = "curves.png"
 
@@ -189,8 +189,8 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
     drop_special = not args.keep_special
     if args.model == "minilm":
-        from molt_kernels.capture import minilm_prepare
-        from molt_kernels.models.minilm import load_minilm
+        from molt_kernels.interp.capture import minilm_prepare
+        from molt_kernels.interp.models.minilm import load_minilm
 
         model = load_minilm(device=device)
         prepare = minilm_prepare(model, drop_special)
@@ -203,7 +203,7 @@ def load_model(args: argparse.Namespace, device: torch.device):
 
 
 def text_stream(args: argparse.Namespace) -> TextStream:
-    from molt_kernels.data import iter_file_texts, iter_texts
+    from molt_kernels.interp.data import iter_file_texts, iter_texts
 
     if args.text:
         if not Path(args.text).is_file():
@@ -263,6 +263,7 @@ def plot_logs(out_dir: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = trainer_config(args)
+    joined = torch.distributed.is_initialized()  # a caller's process group is left to it
     info = setup_distributed(args.device)
     model, prepare, mlp_paths = load_model(args, info.device)
     if args.layers:
@@ -284,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.run()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every owner has written its logs
-        torch.distributed.destroy_process_group()
+        if not joined:
+            torch.distributed.destroy_process_group()
     if args.plot and info.rank == 0:
         print(f"curves: {plot_logs(out)}")
     return 0

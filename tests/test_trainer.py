@@ -220,8 +220,12 @@ def test_k_annealing_lr_schedule_and_logs(tmp_path):
         train = [r for r in records if "loss" in r]
         assert [r["k"] for r in train] == [annealed_k(s, 8, 2, 6) for s in range(12)]
         assert all(r["l0"] <= r["k"] for r in train)
+        warmup = 12 // 5  # the sparsity coefficient's default warm-up: a fifth of the steps
+        assert [r["sparsity_coef"] for r in train] == pytest.approx(
+            [3e-3 * linear_warmup(s + 1, warmup) for s in range(12)]
+        )
         assert [r["lr"] for r in train] == pytest.approx(
-            [1e-3 * lr_factor(s + 1, 12, 3, "linear", 0.2) for s in range(12)]
+            [1e-3 * lr_factor(s, 12, 3, "linear", 0.2) for s in range(12)]
         )
         final = records[-1]  # held-out evaluation at the end
         assert {"eval_fvu", "eval_l0", "eval_jacobian_cosine"} <= set(final)

@@ -70,6 +70,7 @@ from molt_kernels.interp.objective import LayerObjective, n_units, output_weight
 from molt_kernels.interp.replace import get_module
 from molt_kernels.interp.schedules import LR_DECAYS, annealed_k, linear_warmup, lr_factor
 from molt_kernels.interp.train import PENALTY_FORMS, fit_gate_bias, init_from_data
+from molt_kernels.layers.io import load_state_strict, read_layer
 from molt_kernels.layers.molt import MOLT
 
 LayerFactory = Callable[[int, int, int], nn.Module]
@@ -264,6 +265,7 @@ class _LayerState:
         )
         self.tracker = DeadTracker(n_units(layer), cfg.dead_window_tokens)
         self.sums = MetricSums(layer, out_weight.device)
+        self.lr_used, self.coef_used = cfg.lr, 0.0  # of the latest step, for the log
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -342,31 +344,61 @@ class Trainer:
             raise ValueError("bf16 is for CUDA devices; on the CPU train in fp32")
 
         checkpoint = latest_checkpoint(resume) if resume is not None else None
-        self.start_step = 0
-        positions = {s: 0 for s in self.local_shards}
-        if checkpoint is not None:
-            meta = json.loads((checkpoint / "trainer.json").read_text())
-            if meta["paths"] != self.paths or meta["data_shards"] != self.n_shards:
-                raise ValueError(
-                    f"{checkpoint} holds hookpoints {meta['paths']} with {meta['data_shards']} "
-                    f"data shards; this run has {self.paths} with {self.n_shards}"
-                )
-            self.start_step = meta["step"]
-            data = {s: self._load(checkpoint / "data" / f"shard_{s}.pt") for s in positions}
-            positions = {s: data[s]["position"] for s in positions}
+        saved = self._read_checkpoint(checkpoint) if checkpoint is not None else None
+        self.start_step = saved["step"] if saved else 0
+        self._build_data(saved)
+        self.states = self._build_layers(make_layer, checkpoint, saved)
+        if saved:
+            rng = saved["rng"]
+            if rng is not None:  # None when resuming with more processes than were saved
+                torch.set_rng_state(rng["torch"])
+                if "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
+            self._truncate_logs(self.start_step)
+        self._eval_rows: dict[str, tuple[Tensor, Tensor]] | None = None
 
-        probe = forward_hookpoints(model, self.paths, prepare, ["a"])
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load(file: Path) -> Any:
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    def _read_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
+        """What this rank needs from ``checkpoint``: step, its shards' data, its layers' states
+        and its RNG. The layers' weights are read in :meth:`_build_layers`."""
+        meta = json.loads((checkpoint / "trainer.json").read_text())
+        if meta["paths"] != self.paths or meta["data_shards"] != self.n_shards:
+            raise ValueError(
+                f"{checkpoint} holds hookpoints {meta['paths']} with {meta['data_shards']} "
+                f"data shards; this run has {self.paths} with {self.n_shards}"
+            )
+        rng = checkpoint / "rng" / f"rank_{self.dist.rank}.pt"
+        return {
+            "step": meta["step"],
+            "data": {
+                s: self._load(checkpoint / "data" / f"shard_{s}.pt") for s in self.local_shards
+            },
+            "states": {
+                p: self._load(checkpoint / "state" / f"{_file_name(p)}.pt") for p in self.owned
+            },
+            "rng": self._load(rng) if rng.is_file() else None,
+        }
+
+    def _build_data(self, saved: dict[str, Any] | None) -> None:
+        """The row layout (from a probe forward) and one activation source and buffer per local
+        data shard, restored from ``saved`` when resuming."""
+        cfg = self.cfg
+        probe = forward_hookpoints(self.model, self.paths, self.prepare, ["a"])
         self.layout = RowLayout(
             tuple(self.paths),
             tuple(probe[p][0].shape[-1] for p in self.paths),
             tuple(probe[p][1].shape[-1] for p in self.paths),
         )
-        dtype = probe[self.paths[0]][0].dtype
         self.sources, self.buffers = [], []
         for s in self.local_shards:
             source = ActivationSource(
-                model, self.paths, prepare, texts, s, self.n_shards, cfg.texts_per_forward,
-                positions[s],
+                self.model, self.paths, self.prepare, self.texts, s, self.n_shards,
+                cfg.texts_per_forward, saved["data"][s]["position"] if saved else 0,
             )  # fmt: skip
             buffer = ShufflingBuffer(
                 cfg.buffer_tokens,
@@ -374,48 +406,46 @@ class Trainer:
                 lambda source=source: self.layout.join(source.forward()),
                 seed=cfg.seed * 1_000_003 + s,
                 device=self.dist.device,
-                dtype=dtype,
+                dtype=probe[self.paths[0]][0].dtype,
             )
-            if checkpoint is not None:
-                buffer.load_state_dict(data[s]["buffer"])
+            if saved:
+                buffer.load_state_dict(saved["data"][s]["buffer"])
             self.sources.append(source)
             self.buffers.append(buffer)
 
+    def _build_layers(
+        self, make_layer: LayerFactory, checkpoint: Path | None, saved: dict[str, Any] | None
+    ) -> dict[str, _LayerState]:
+        """The layers held on this rank with their optimizers: fresh and initialised from data,
+        or restored from the checkpoint."""
         layers = {}
         for i, path in enumerate(self.paths):
             if path in self.owned:
-                torch.manual_seed(cfg.seed + i)
-                layers[path] = make_layer(i, self.layout.d_in[i], self.layout.d_out[i]).to(
-                    self.dist.device
-                )
-        weights = self._initialise(layers) if checkpoint is None else {}
-        self.states: dict[str, _LayerState] = {}
+                torch.manual_seed(self.cfg.seed + i)
+                layer = make_layer(i, self.layout.d_in[i], self.layout.d_out[i])
+                layers[path] = layer.to(self.dist.device)
+        if saved:
+            for path, layer in layers.items():
+                self._restore_weights(checkpoint / "layers" / _file_name(path), layer)
+            weights = {path: saved["states"][path]["out_weight"] for path in layers}
+        else:
+            weights = self._initialise(layers)
+        states = {}
         for path, layer in layers.items():
-            if checkpoint is not None:
-                saved = type(layer).from_pretrained(checkpoint / "layers" / _file_name(path))
-                layer.load_state_dict(saved.state_dict())
-                weights[path] = torch.zeros(self.layout.d_out[self.paths.index(path)])
-            state = _LayerState(
-                path, layer, weights[path].to(self.dist.device), cfg, self.data_parallel
-            )
-            if checkpoint is not None:
-                state.load_state_dict(self._load(checkpoint / "state" / f"{_file_name(path)}.pt"))
-            self.states[path] = state
-        if checkpoint is not None:
-            rng_file = checkpoint / "rng" / f"rank_{rank}.pt"
-            if rng_file.is_file():  # absent when resuming with more processes than saved
-                rng = self._load(rng_file)
-                torch.set_rng_state(rng["torch"])
-                if "cuda" in rng:
-                    torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
-            self._truncate_logs(self.start_step)
-        self._eval_rows: dict[str, tuple[Tensor, Tensor]] | None = None
-
-    # -- data ---------------------------------------------------------------------------------
+            out_weight = weights[path].to(self.dist.device)
+            states[path] = _LayerState(path, layer, out_weight, self.cfg, self.data_parallel)
+            if saved:
+                states[path].load_state_dict(saved["states"][path])
+        return states
 
     @staticmethod
-    def _load(file: Path) -> Any:
-        return torch.load(file, map_location="cpu", weights_only=True)
+    def _restore_weights(where: Path, layer: nn.Module) -> None:
+        config, weights = read_layer(where, layer.KIND)
+        if config != layer.cfg.to_dict():
+            raise ValueError(f"{where} holds {config}; this run builds {layer.cfg.to_dict()}")
+        load_state_strict(layer, weights, str(where))
+
+    # -- data ---------------------------------------------------------------------------------
 
     def _gather_shards(self, local: list[Tensor], to: int | None) -> list[Tensor] | None:
         """Every shard's tensor in shard order, on all ranks (``to=None``) or on rank ``to``
@@ -504,6 +534,8 @@ class Trainer:
             fired = fired_any.bool()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(layer.parameters(), cfg.grad_clip)
+        state.lr_used = state.optimizer.param_groups[0]["lr"]
+        state.coef_used = coef
         state.optimizer.step()
         state.scheduler.step()
         state.tracker.mark(fired, cfg.batch_tokens)
@@ -554,8 +586,9 @@ class Trainer:
             record.update(state.sums.record())
             record.update(
                 dead_fraction=state.tracker.dead_fraction(),
-                lr=state.scheduler.get_last_lr()[0],
+                lr=state.lr_used,
                 k=self._k(layer, step),
+                sparsity_coef=state.coef_used if isinstance(layer, MOLT) else 0.0,
                 tokens_per_s=tokens_per_s,
             )
             self._write_record(state.path, record)

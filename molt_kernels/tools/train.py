@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -122,42 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def trainer_config(args: argparse.Namespace) -> TrainerConfig:
-    return TrainerConfig(
-        max_tokens=args.max_tokens,
-        batch_tokens=args.batch_tokens,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        lr_warmup_steps=args.lr_warmup_steps,
-        lr_decay=args.lr_decay,
-        lr_min_ratio=args.lr_min_ratio,
-        grad_clip=args.grad_clip or None,
-        sparsity_coef=args.sparsity_coef,
-        sparsity_form=args.sparsity_form,
-        sparsity_c=args.sparsity_c,
-        sparsity_warmup_steps=args.sparsity_warmup_steps,
-        k_start=args.k_start,
-        k_anneal_steps=args.k_anneal_steps,
-        batch_topk=args.batch_topk,
-        revive_every=args.revive_every or None,
-        dead_window_tokens=args.dead_window_tokens,
-        init_from_data=not args.no_init_from_data,
-        init_tokens=args.init_tokens,
-        bf16=args.bf16,
-        buffer_tokens=args.buffer_tokens,
-        texts_per_forward=args.texts_per_forward,
-        data_shards=args.data_shards,
-        heldout_every=args.heldout_every,
-        distribute_layers=args.distribute_layers,
-        log_every=args.log_every,
-        eval_every=args.eval_every or None,
-        eval_tokens=args.eval_tokens,
-        eval_jacobian_tokens=args.eval_jacobian_tokens,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        stop_after_steps=args.stop_after_steps,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    """The TrainerConfig of parsed options (each option is named after its field)."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainerConfig) if hasattr(args, f.name)}
+    for name in ("grad_clip", "revive_every", "eval_every"):
+        values[name] = values[name] or None  # 0 switches the option off
+    values.update(init_from_data=not args.no_init_from_data, progress=not args.no_progress)
+    return TrainerConfig(**values)
 
 
 def layer_factory(args: argparse.Namespace):

@@ -575,8 +575,14 @@ class Trainer:
                 lines = log.read_text().splitlines(keepends=True)
                 log.write_text("".join(ln for ln in lines if json.loads(ln)["step"] <= step))
 
-    def _log(self, step: int, tokens_per_s: float) -> dict[str, Any]:
-        """Write every held layer's record of the interval ending at ``step``; return the last."""
+    def _log(self, step: int, timing: dict[str, float]) -> dict[str, Any]:
+        """Write every held layer's record of the interval ending at ``step``; return the last.
+
+        ``timing``: ``tokens_per_s`` (global tokens per wall second) and ``cpu_s`` (this
+        process's CPU seconds, all threads), both over the interval since the previous record,
+        which includes any evaluation and checkpoint in it. On a shared machine the CPU time
+        tells how much of the wall time the run actually computed.
+        """
         record: dict[str, Any] = {}
         for state in self.states.values():
             if self.data_parallel:
@@ -589,7 +595,7 @@ class Trainer:
                 lr=state.lr_used,
                 k=self._k(layer, step),
                 sparsity_coef=state.coef_used if isinstance(layer, MOLT) else 0.0,
-                tokens_per_s=tokens_per_s,
+                **timing,
             )
             self._write_record(state.path, record)
             state.sums.reset()
@@ -686,17 +692,23 @@ class Trainer:
         bar = tqdm(
             total=total, initial=self.start_step, unit="step", disable=None if show else True
         )
-        clock, clock_step = time.perf_counter(), self.start_step
+        clock = (time.perf_counter(), time.process_time(), self.start_step)
         for step in range(self.start_step, end):
             micro = self._micro_batches()
             for path, state in self.states.items():
                 self._train_step(state, micro[path], step)
             last = step + 1 == total
             if (step + 1) % cfg.log_every == 0 or last:
-                now = time.perf_counter()
-                speed = (step + 1 - clock_step) * cfg.batch_tokens / max(now - clock, 1e-9)
-                record = self._log(step, speed)
-                clock, clock_step = now, step + 1
+                now = (time.perf_counter(), time.process_time(), step + 1)
+                tokens = (now[2] - clock[2]) * cfg.batch_tokens
+                record = self._log(
+                    step,
+                    {
+                        "tokens_per_s": tokens / max(now[0] - clock[0], 1e-9),
+                        "cpu_s": now[1] - clock[1],
+                    },
+                )
+                clock = now
                 if record:
                     bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}")
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:

@@ -15,7 +15,7 @@ from molt_kernels.interp.activations import (
     TextStream,
     forward_hookpoints,
 )
-from molt_kernels.interp.data import iter_texts
+from molt_kernels.interp.data import iter_file_texts, iter_texts
 from molt_kernels.interp.models.hf import find_mlp_paths
 from molt_kernels.interp.objective import batch_topk
 from molt_kernels.interp.schedules import annealed_k, linear_warmup, lr_factor
@@ -101,6 +101,21 @@ def test_text_stream_shards_partition_the_training_texts_and_hold_out_a_fixed_se
         TextStream(lambda epoch: [], heldout_every=1)
     with pytest.raises(ValueError, match="no training text"):
         next(TextStream(lambda epoch: []).shard(0, 1))
+
+
+def test_file_texts_stream_txt_paragraphs_and_jsonl_documents(tmp_path):
+    txt = tmp_path / "corpus.txt"
+    paragraphs = [f"paragraph {i} " + "word " * (i % 7) for i in range(3000)]
+    txt.write_text("\n\n".join(paragraphs) + "\n")
+    chunks = list(iter_file_texts(txt, 120))
+    assert all(0 < len(c) <= 120 for c in chunks)
+    assert " ".join(" ".join(chunks).split()) == " ".join(" ".join(paragraphs).split())
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
+    assert list(iter_file_texts(jsonl)) == ["first doc", "second doc"]  # never packed together
+    jsonl.write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="docs.jsonl:1"):
+        list(iter_file_texts(jsonl))
 
 
 class Block(nn.Module):

@@ -4,7 +4,8 @@
 chapters: statements, expressions, data model, ...; about 80 topics, ~465k characters, roughly
 128k BERT tokens on Python 3.11). It is technical prose mixed with code and grammar snippets,
 needs no download, and is identical on every install of a given CPython version (it changes
-between versions, so exact token counts do too).
+between versions, so exact token counts do too). :func:`iter_file_texts` chunks a user's own
+text or JSONL file the same way.
 """
 
 from __future__ import annotations

@@ -258,6 +258,29 @@ def test_transcoder_with_batch_topk(tmp_path):
     assert train[-1]["fvu"] < train[0]["fvu"]
 
 
+def test_encode_takes_a_k_for_the_call():
+    molt = MOLT(MOLTConfig(8, {4: 4, 2: 8}, 3, standardize=True, scale_gate_by_norm=True))
+    transcoder = TopKTranscoder(TranscoderConfig(8, 32, 3))
+    x = torch.randn(5, 8)
+    for layer in (molt, transcoder):
+        assert all(torch.equal(a, b) for a, b in zip(layer.encode(x, k=3), layer.encode(x)))
+        gates, indices = layer.encode(x, k=6)
+        assert gates.shape == indices.shape == (5, 6)
+        assert torch.equal(gates[:, :3], layer.encode(x)[0])  # the top 3 of the top 6
+
+
+def test_layers_with_options_train(tmp_path):
+    def make(i, d_in, d_out):
+        cfg = MOLTConfig(d_in, {4: 4, 2: 8}, 2, d_out=d_out, standardize=True,
+                         scale_gate_by_norm=True, decoder_bias=False)  # fmt: skip
+        return MOLT(cfg)
+
+    _, logs = toy_run(tmp_path, make, n_layers=1, k_start=6, k_anneal_steps=4, batch_topk=True)
+    train = [r for r in next(iter(logs.values())) if "loss" in r]
+    assert [r["k"] for r in train[:3]] == [6, 5, 4] and train[-1]["k"] == 2
+    assert all(r["l0"] <= r["k"] for r in train)
+
+
 def test_dead_gates_are_tracked_and_reopened(tmp_path):
     def closed(i, d_in, d_out):
         layer = small_molt()(i, d_in, d_out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from molt_kernels.layers import functional as MF
 from molt_kernels.layers.molt import MOLT
 
 BATCH_TOPK_CANDIDATES = 4
@@ -34,17 +33,6 @@ def output_weights(y: Tensor, standardize: bool = True) -> Tensor:
     normalised to mean 1."""
     weight = 1.0 / y.var(0).clamp_min(1e-12) if standardize else torch.ones_like(y[0])
     return weight / weight.mean()
-
-
-def encode(layer: nn.Module, x: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
-    """The layer's gates (or acts) [n, k] and indices [n, k] with ``k`` in place of ``cfg.k``."""
-    if isinstance(layer, MOLT):
-        cfg = layer.cfg
-        return MF.gate_topk(
-            x, layer.W_gate, layer.b_gate, k, cfg.activation, layer.log_threshold,
-            cfg.jumprelu_bandwidth, layer.backend,
-        )  # fmt: skip
-    return MF.gate_topk(x, layer.W_enc, layer.b_enc, k, "relu", backend=layer.backend)
 
 
 def batch_topk(gates: Tensor, k: int) -> Tensor:
@@ -89,10 +77,10 @@ class LayerObjective(nn.Module):
             if k is None:
                 raise ValueError("batch top-k needs a k")
             candidates = min(n_units(layer), BATCH_TOPK_CANDIDATES * k)
-            gates, indices = encode(layer, x, candidates)
+            gates, indices = layer.encode(x, k=candidates)
             gates = batch_topk(gates, k)
         else:
-            gates, indices = encode(layer, x, k)
+            gates, indices = layer.encode(x, k=k)
         pred = layer.decode(x, gates, indices)
         loss = ((pred.float() - y.float()).square() * self.out_weight).mean()
         if isinstance(layer, MOLT) and sparsity_coef > 0:

@@ -480,7 +480,8 @@ class Trainer:
             x, y = pairs[path]
             if self.cfg.init_from_data:
                 init_from_data(layer, x, y)
-            weights[path] = output_weights(y.to(layer.b_dec.dtype), self.cfg.standardize_outputs)
+            dtype = next(layer.parameters()).dtype
+            weights[path] = output_weights(y.to(dtype), self.cfg.standardize_outputs)
         return weights
 
     def _micro_batches(self) -> dict[str, list[tuple[Tensor, Tensor]]]:

@@ -15,7 +15,7 @@ On disk (``out_dir``): ``shard_00000.safetensors``, ... each holding ``mlp_in`` 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from molt_kernels.interp.activations import Prepare, forward_hookpoints
 from molt_kernels.interp.models.minilm import MiniLM
 from molt_kernels.interp.replace import get_module
-
-Prepare = Callable[[list[str]], tuple[dict[str, Tensor], Tensor]]
-"""texts -> (keyword arguments of ``model``, keep mask [B, T] bool over token positions)."""
 
 
 def minilm_prepare(model: MiniLM, drop_special_tokens: bool = True) -> Prepare:
@@ -42,34 +40,6 @@ def minilm_prepare(model: MiniLM, drop_special_tokens: bool = True) -> Prepare:
         return batch, keep & ~special if drop_special_tokens else keep
 
     return prepare
-
-
-class _StopForward(Exception):
-    """Raised by the hook to skip the layers after the captured MLP."""
-
-
-class _MLPHook:
-    """Context manager: hook storing the (input, output) of the module's first call."""
-
-    def __init__(self, module: nn.Module, stop: bool) -> None:
-        self.module, self.stop = module, stop
-        self.pair: tuple[Tensor, Tensor] | None = None
-
-    def __enter__(self) -> _MLPHook:
-        self.handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc: object) -> bool:
-        self.handle.remove()
-        return exc[0] is _StopForward  # swallow our own early exit, nothing else
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.pair is None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            y = output[0] if isinstance(output, tuple) else output
-            self.pair = (x, y)
-        if self.stop:
-            raise _StopForward
 
 
 def _take(pairs: Iterable[tuple[Tensor, Tensor]], limit: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -201,23 +171,12 @@ def capture_mlp_activations(
 
     def per_forward() -> Iterator[tuple[Tensor, Tensor]]:
         it = iter(texts)
+        # no_grad and the hook only around each forward (inside forward_hookpoints): the
+        # consumer runs between yields (and may run the model itself), so neither may leak.
         while batch := list(islice(it, batch_size_texts)):
-            inputs, keep = prepare(batch)
-            # no_grad and the hook only around the forward: the consumer runs between yields
-            # (and may run the model itself), so neither may leak into it.
-            with torch.no_grad(), _MLPHook(get_module(model, mlp_path), stop_after_mlp) as hook:
-                model(**inputs)
-            if hook.pair is None:
-                raise RuntimeError(f"the module at {mlp_path!r} was not called by the model")
-            x, y = hook.pair
-            if x.shape[:-1] != keep.shape or y.shape[:-1] != keep.shape:
-                raise ValueError(
-                    f"keep mask {tuple(keep.shape)} does not match MLP input {tuple(x.shape)} "
-                    f"/ output {tuple(y.shape)}"
-                )
-            keep = keep.to(x.device)
-            if keep.any():
-                yield x[keep], y[keep]
+            x, y = forward_hookpoints(model, [mlp_path], prepare, batch, stop_after_mlp)[mlp_path]
+            if len(x):
+                yield x, y
 
     def run() -> Iterator[tuple[Tensor, Tensor]]:
         writer = _ShardWriter(out_dir, mlp_path, shard_tokens) if out_dir is not None else None

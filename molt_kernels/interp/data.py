@@ -4,16 +4,20 @@
 chapters: statements, expressions, data model, ...; about 80 topics, ~465k characters, roughly
 128k BERT tokens on Python 3.11). It is technical prose mixed with code and grammar snippets,
 needs no download, and is identical on every install of a given CPython version (it changes
-between versions, so exact token counts do too).
+between versions, so exact token counts do too). :func:`iter_file_texts` chunks a user's own
+text or JSONL file the same way.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_FILE_BLOCK_CHARS = 1 << 16
 
 
 def _split_long(paragraph: str, max_chars: int) -> Iterator[str]:
@@ -77,3 +81,35 @@ def iter_texts(max_chars_per_text: int = 400, seed: int | None = 0) -> Iterator[
     if seed is not None:
         random.Random(seed).shuffle(chunks)
     yield from chunks
+
+
+def iter_file_texts(path: str | Path, max_chars_per_text: int = 400) -> Iterator[str]:
+    """Yield chunks of a UTF-8 text file, each at most max_chars_per_text, read as a stream.
+
+    ``.jsonl``: one document per line, its ``"text"`` field. Any other file: plain text, whose
+    blank-line-separated paragraphs are documents' paragraphs. Chunks are packed as in
+    :func:`iter_texts` and never span a ``.jsonl`` document.
+    """
+    if max_chars_per_text < 1:
+        raise ValueError(f"max_chars_per_text must be >= 1, got {max_chars_per_text}")
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f'{path}:{number}: expected {{"text": ...}}') from e
+                    yield from _topic_chunks(text, max_chars_per_text)
+            return
+        block: list[str] = []
+        size = 0
+        for line in f:
+            block.append(line)
+            size += len(line)
+            # Hand over at a paragraph break once the block is large, to stream big files.
+            if size > _FILE_BLOCK_CHARS and not line.strip():
+                yield from _topic_chunks("".join(block), max_chars_per_text)
+                block, size = [], 0
+        yield from _topic_chunks("".join(block), max_chars_per_text)

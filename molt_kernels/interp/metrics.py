@@ -44,6 +44,13 @@ def l0_per_bucket(gates: Tensor, indices: Tensor, cfg: MOLTConfig) -> dict[int, 
     }
 
 
+@torch.no_grad()
+def fired_units(gates: Tensor, indices: Tensor, n_units: int) -> Tensor:
+    """[n_units] bool: which units have a non-zero gate somewhere in gates / indices [..., k]."""
+    fired = torch.zeros(n_units, dtype=torch.bool, device=indices.device)
+    return fired.index_fill_(0, indices[gates != 0].reshape(-1), True)
+
+
 class DeadTracker:
     """Tracks which transforms (or features) fired within the last ``window`` tokens.
 
@@ -61,9 +68,20 @@ class DeadTracker:
     @torch.no_grad()
     def update(self, gates: Tensor, indices: Tensor) -> None:
         n_tokens = gates.reshape(-1, gates.shape[-1]).shape[0]
-        fired = indices[gates != 0].reshape(-1).cpu()
+        self.mark(fired_units(gates, indices, len(self.last_fired)), n_tokens)
+
+    def mark(self, fired: Tensor, n_tokens: int) -> None:
+        """Record a batch of ``n_tokens`` tokens in which the units ``fired`` [n_units] bool
+        fired (e.g. the union over the ranks of a data-parallel step)."""
         self.tokens_seen += n_tokens
-        self.last_fired[fired] = self.tokens_seen
+        self.last_fired[fired.cpu()] = self.tokens_seen
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        return {"tokens_seen": self.tokens_seen, "last_fired": self.last_fired.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
+        self.tokens_seen = int(state["tokens_seen"])
+        self.last_fired.copy_(state["last_fired"])
 
     def dead_mask(self) -> Tensor:
         """[n_units] bool; before a full window has passed, "never fired so far"."""

@@ -121,10 +121,15 @@ class MOLT(PretrainedLayer, nn.Module):
             return y
         return (y * self.output_std + self.output_mean).to(y.dtype)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [..., d_in] -> gates [..., k] (fp32 for half x), indices [..., k] int64."""
+    def encode(self, x: Tensor, *, k: int | None | str = "cfg") -> tuple[Tensor, Tensor]:
+        """x [..., d_in] -> gates [..., k] (fp32 for half x), indices [..., k] int64.
+
+        ``k`` replaces ``cfg.k`` for this call (e.g. k annealing while training); ``"cfg"``
+        keeps it.
+        """
         xs = self.standardize_input(x)
-        return MF.gate_topk(xs, self.W_gate, self.b_gate, **self._gate_args())
+        args = self._gate_args() if k == "cfg" else {**self._gate_args(), "k": k}
+        return MF.gate_topk(xs, self.W_gate, self.b_gate, **args)
 
     def decode(self, x: Tensor, gates: Tensor, indices: Tensor) -> Tensor:
         """y [..., d_out] from x [..., d_in] and the (gates, indices) of :meth:`encode`."""

@@ -186,9 +186,11 @@ class TopKTranscoder(PretrainedLayer, nn.Module):
         if self.W_skip is not None:
             self.W_skip.zero_()
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [..., d_in] -> acts [..., k] (fp32 for half x), indices [..., k] int64."""
-        return MF.gate_topk(x, self.W_enc, self.b_enc, self.cfg.k, "relu", backend=self.backend)
+    def encode(self, x: Tensor, *, k: int | str = "cfg") -> tuple[Tensor, Tensor]:
+        """x [..., d_in] -> acts [..., k] (fp32 for half x), indices [..., k] int64; ``k``
+        replaces ``cfg.k`` for this call (``"cfg"`` keeps it)."""
+        k = self.cfg.k if k == "cfg" else k
+        return MF.gate_topk(x, self.W_enc, self.b_enc, k, "relu", backend=self.backend)
 
     def decode(self, x: Tensor, acts: Tensor, indices: Tensor) -> Tensor:
         """y [..., d_out] from the (acts, indices) of :meth:`encode`; x [..., d_in] feeds the

@@ -1,2 +1,3 @@
-"""The command-line tools behind ``python -m molt_kernels``: verify, bench, gpu-report, flops.
-Tools may import everything below them; nothing in the package imports the tools."""
+"""The command-line tools behind ``python -m molt_kernels``: verify, bench, gpu-report, flops,
+convert and train. Tools may import everything below them; nothing in the package imports the
+tools."""

@@ -1,4 +1,4 @@
-"""`python -m molt_kernels <command> [options]`: verify, bench, gpu-report, flops, convert."""
+"""`python -m molt_kernels <command> [options]`: verify, bench, gpu-report, flops, convert, study."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS = {
     "gpu-report": ("molt_kernels.tools.gpu_report", "compile every Triton kernel for sm_80/sm_90"),
     "flops": ("molt_kernels.tools.flops", "parameters and FLOPs of MOLTs and matched transcoders"),
     "convert": ("molt_kernels.tools.convert", "OpenMOSS / crosslayer-transcoder / sparsify files"),
+    "study": ("molt_kernels.tools.study", "research studies on real models (pareto)"),
 }
 
 

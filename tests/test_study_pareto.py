@@ -49,13 +49,17 @@ def test_pareto_json_has_one_finite_record_per_point(report):
     assert saved["meta"]["config"]["steps"] == TINY.steps
     assert len(records) == len(TINY.points()) == 5
     assert {(r["kind"], r["gating"]) for r in records} == {
-        ("molt", "threshold"), ("molt", "topk"), ("molt-uniform", "topk"), ("transcoder", "topk")
+        ("molt", "threshold"),
+        ("molt", "topk"),
+        ("molt-uniform", "topk"),
+        ("transcoder", "topk"),
     }
     for r in records:
         assert set(r) == set(pareto.RECORD_FIELDS)
         assert r["layer"] == 2 and r["seed"] == 0
-        for key in ("params", "fvu", "nmse", "l0", "dead_fraction", "jacobian_cosine",
-                    "embedding_cosine", "flops_forward", "flops_train", "train_seconds"):
+        finite = ("params", "fvu", "nmse", "l0", "dead_fraction", "jacobian_cosine")
+        finite += ("embedding_cosine", "flops_forward", "flops_train", "train_seconds")
+        for key in finite:
             assert math.isfinite(r[key]), (key, r)
         assert abs(r["params_ratio"] - 1) < pareto.MAX_PARAM_MISMATCH
         assert 0 <= r["dead_fraction"] <= 1 and -1 <= r["jacobian_cosine"] <= 1
@@ -73,6 +77,12 @@ def test_plots_and_table_are_written(report, capsys):
     for name, *_ in pareto.PLOTS:
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_interpolation_at_equal_l0():
+    assert pareto.interpolate_at([1, 4], [0.5, 0.1], 2) == pytest.approx(0.3)
+    assert pareto.interpolate_at([4, 1, 16], [0.1, 0.5, 0.0], 8) == pytest.approx(0.05)
+    assert pareto.interpolate_at([1, 4], [0.5, 0.1], 8) is None
 
 
 def test_uniform_allocation_matches_the_paper_parameters():

@@ -15,9 +15,9 @@ the same training tokens and evaluated on the same held-out tokens:
   (:func:`molt_kernels.flops.matched_transcoder`), over a k sweep.
 
 Matched comparisons: every point sees the same training tokens in the same order (the trainer's
-shuffle is seeded by the seed, not by the kind), the same optimiser (AdamW), batch size and number of
-steps; the top-k curves train on reconstruction alone. Tuning effort: the learning rate is the only
-tuned setting, chosen per kind from the same two-value pilot (see ``LEARNING_RATES``); everything
+shuffle is seeded by the seed, not by the kind), the same optimiser (AdamW), batch size and number
+of steps; the top-k curves train on reconstruction alone. Tuning effort: the learning rate is the
+only setting tuned per kind, from the same two-value pilot (see ``LEARNING_RATES``); everything
 else is the trainer's default for every kind.
 
 Per point (one record in ``DIR/pareto.json``): parameters; held-out FVU and normalised MSE; L0
@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from molt_kernels.interp.capture import capture_mlp_activations
 from molt_kernels.interp.data import iter_texts
@@ -131,9 +132,9 @@ class StudyConfig:
     threshold_init_l0: float = 16.0
     sparsity_coefs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     molt_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    transcoder_ks: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
-    steps: int = 1000
-    batch_size: int = 1024
+    transcoder_ks: tuple[int, ...] = (4, 8, 16, 32, 64)
+    steps: int = 800
+    batch_size: int = 512
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
     train_tokens: int | None = None
     eval_tokens: int = 8192
@@ -173,7 +174,6 @@ FULL = StudyConfig()
 QUICK = StudyConfig(
     layers=(3,),
     seeds=(0,),
-    transcoder_ks=(2, 4, 8, 16, 32),
     steps=300,
     train_tokens=32768,
     eval_tokens=4096,
@@ -202,9 +202,7 @@ def build_layer(study: StudyConfig, spec: PointSpec) -> nn.Module:
     if spec.kind == "transcoder":
         return TopKTranscoder(matched_transcoder(study.paper_config(None), k=spec.k))
     if spec.gating == "threshold":
-        cfg = study.paper_config(
-            None, study.threshold_activation, init_l0=study.threshold_init_l0
-        )
+        cfg = study.paper_config(None, study.threshold_activation, init_l0=study.threshold_init_l0)
     else:
         cfg = study.paper_config(spec.k)
     if spec.kind == "molt-uniform":
@@ -256,9 +254,7 @@ def prepare_layer(study: StudyConfig, model: nn.Module, layer: int) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate(
-    layer: nn.Module, data: dict[str, Any], model: nn.Module
-) -> dict[str, float | None]:
+def evaluate(layer: nn.Module, data: dict[str, Any], model: nn.Module) -> dict[str, float | None]:
     """Held-out metrics of a trained layer (see the module docstring)."""
     x_eval, y_eval = data["x_eval"], data["y_eval"]
     gates, indices = layer.encode(x_eval)
@@ -352,7 +348,9 @@ def _worker_model() -> nn.Module:
     return load_minilm()
 
 
-_WORKER_DATA: dict[str, dict[str, Any]] = {}
+@cache
+def _worker_data(data_file: str) -> dict[str, Any]:
+    return torch.load(data_file, weights_only=True)
 
 
 def _worker_init(threads: int) -> None:
@@ -360,27 +358,36 @@ def _worker_init(threads: int) -> None:
 
 
 def _worker_point(study: StudyConfig, spec: PointSpec, seed: int, data_file: str) -> dict:
-    if data_file not in _WORKER_DATA:
-        _WORKER_DATA.clear()  # one layer at a time: points are submitted layer by layer
-        _WORKER_DATA[data_file] = torch.load(data_file, weights_only=True)
-    return run_point(study, spec, seed, _WORKER_DATA[data_file], _worker_model())
+    return run_point(study, spec, seed, _worker_data(data_file), _worker_model())
 
 
 def run_study(
     study: StudyConfig, out_dir: Path, progress: bool = True, log=print
 ) -> list[dict[str, Any]]:
-    """Run every (layer, seed, point); ``pareto.json`` is rewritten after each point, so an
-    interrupted study keeps what it finished. Returns the records."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Run every (seed, layer, point), seed by seed, so that a study stopped early holds whole
+    curves. ``pareto.json`` is rewritten after each point. Returns the records."""
     from tqdm.auto import tqdm
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     model = load_minilm()
-    specs = study.points()
-    total = len(study.layers) * len(study.seeds) * len(specs)
-    records: list[dict[str, Any]] = []
-    started = time.perf_counter()
     meta = _meta(study)
-    bar = tqdm(total=total, desc="pareto", unit="pt", disable=not progress, mininterval=5)
+    started = time.perf_counter()
+    layer_data: dict[int, dict[str, Any]] = {}
+    for layer in study.layers:
+        layer_data[layer] = prepare_layer(study, model, layer)
+        log(
+            f"layer {layer}: {len(layer_data[layer]['x'])} training / "
+            f"{len(layer_data[layer]['x_eval'])} held-out tokens, "
+            f"{time.perf_counter() - started:.0f}s"
+        )
+    jobs = [
+        (spec, seed, layer)
+        for seed in study.seeds
+        for layer in study.layers
+        for spec in study.points()
+    ]
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(jobs), desc="pareto", unit="pt", disable=not progress, mininterval=5)
 
     def done(record: dict[str, Any]) -> None:
         records.append(record)
@@ -388,7 +395,7 @@ def run_study(
         write_json(out_dir / "pareto.json", meta, records)
         bar.update(1)
         log(
-            f"[{len(records)}/{total} {meta['seconds']:.0f}s] layer {record['layer']} seed "
+            f"[{len(records)}/{len(jobs)} {meta['seconds']:.0f}s] layer {record['layer']} seed "
             f"{record['seed']} {record['kind']} ({record['gating']}) k={record['k']} "
             f"coef={record['sparsity_coef']:g}: FVU {record['fvu']:.3f} L0 {record['l0']:.2f} "
             f"jac {record['jacobian_cosine']:.3f} emb {record['embedding_cosine']:.4f} "
@@ -396,42 +403,33 @@ def run_study(
         )
 
     cache_dir = out_dir / ".cache"
-    pool = None
-    if study.workers > 1:
-        pool = ProcessPoolExecutor(
-            study.workers,
-            mp_context=get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(study.threads,),
-        )
     try:
-        for layer in study.layers:
-            start = time.perf_counter()
-            data = prepare_layer(study, model, layer)
-            log(
-                f"layer {layer}: {len(data['x'])} training / {len(data['x_eval'])} held-out "
-                f"tokens captured in {time.perf_counter() - start:.0f}s"
-            )
-            jobs = [(spec, seed) for seed in study.seeds for spec in specs]
-            if pool is None:
-                for spec, seed in jobs:
-                    done(run_point(study, spec, seed, data, model))
-                continue
+        if study.workers == 1:
+            for spec, seed, layer in jobs:
+                done(run_point(study, spec, seed, layer_data[layer], model))
+        else:
             cache_dir.mkdir(exist_ok=True)
-            data_file = cache_dir / f"layer{layer}.pt"
-            torch.save(data, data_file)
-            futures = [
-                pool.submit(_worker_point, study, spec, seed, str(data_file))
-                for spec, seed in jobs
-            ]
-            for future in as_completed(futures):
-                done(future.result())
-            data_file.unlink()
+            files = {layer: str(cache_dir / f"layer{layer}.pt") for layer in study.layers}
+            for layer, data in layer_data.items():
+                torch.save(data, files[layer])
+            layer_data.clear()
+            with ProcessPoolExecutor(
+                study.workers,
+                mp_context=get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(study.threads,),
+            ) as pool:
+                futures = [
+                    pool.submit(_worker_point, study, spec, seed, files[layer])
+                    for spec, seed, layer in jobs
+                ]
+                for future in as_completed(futures):
+                    done(future.result())
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
         bar.close()
-        if cache_dir.exists() and not any(cache_dir.iterdir()):
+        for path in cache_dir.glob("layer*.pt"):
+            path.unlink()
+        if cache_dir.exists():
             cache_dir.rmdir()
     meta["load_average_after"] = list(os.getloadavg())
     records.sort(key=_record_order)
@@ -507,6 +505,45 @@ def summary_table(records: list[dict[str, Any]]) -> str:
                 f"{statistics.fmean(get('flops_forward')) / 1e6:.2f}M",
                 f"{statistics.fmean(get('train_seconds')):.0f}", len(group),
             ])  # fmt: skip
+    return render_table(headers, rows)
+
+
+EQUAL_L0 = (2.0, 4.0, 8.0, 16.0)
+
+
+def interpolate_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
+    """y at x by linear interpolation in log(x) between the nearest points of a curve; None
+    outside the curve's x range. xs need not be sorted."""
+    points = sorted(zip(xs, ys))
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            if x1 == x0:
+                return (y0 + y1) / 2
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + w * (y1 - y0)
+    return None
+
+
+def equal_l0_table(records: list[dict[str, Any]], l0_values: Sequence[float] = EQUAL_L0) -> str:
+    """Markdown table of each curve's FVU, Jacobian cosine and forward FLOPs per token at the
+    same L0, interpolated (log L0) between its seed-mean points; "-" outside its L0 range."""
+    headers = ["layer", "curve"]
+    for v in l0_values:
+        headers += [f"FVU @L0={v:g}", f"Jac @{v:g}", f"FLOP/tok @{v:g}"]
+    rows = []
+    for layer, curve, points in _curves(records):
+        mean = {
+            key: [statistics.fmean(r[key] for r in group) for group in points]
+            for key in ("l0", "fvu", "jacobian_cosine", "flops_forward")
+        }
+        row = [layer, curve]
+        for v in l0_values:
+            f, j, c = (
+                interpolate_at(mean["l0"], mean[key], v)
+                for key in ("fvu", "jacobian_cosine", "flops_forward")
+            )
+            row += ["-"] * 3 if f is None else [f"{f:.3f}", f"{j:.3f}", f"{c / 1e6:.2f}M"]
+        rows.append(row)
     return render_table(headers, rows)
 
 
@@ -614,12 +651,17 @@ def parse_args(argv: Sequence[str]) -> tuple[StudyConfig, argparse.Namespace]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A stopped study (kill, timeout) unwinds like Ctrl-C: the workers are shut down and the
+    # cached activations deleted; pareto.json keeps the points already finished.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     study, args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.render:
         _, records = read_json(args.out / "pareto.json")
     else:
         records = run_study(study, args.out, progress=not args.no_progress)
     print(summary_table(records))
+    print()
+    print(equal_l0_table(records))
     for path in write_plots(records, args.out):
         print(f"wrote {path}")
     return 0

@@ -6,9 +6,10 @@ Each study is a module under :mod:`molt_kernels.tools.studies` with a ``main(arg
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Sequence
+
+from .subcommands import dispatch
 
 STUDIES = {
     "pareto": (
@@ -18,22 +19,9 @@ STUDIES = {
 }
 
 
-def usage() -> str:
-    lines = ["usage: python -m molt_kernels study <name> [options]", "", "studies:"]
-    lines += [f"  {name:<20} {help_}" for name, (_, help_) in STUDIES.items()]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in STUDIES:
-        print(f"unknown study {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    return importlib.import_module(STUDIES[name][0]).main(rest)
+    argv = sys.argv[1:] if argv is None else argv
+    return dispatch("python -m molt_kernels study", STUDIES, argv, noun="study", plural="studies")
 
 
 if __name__ == "__main__":

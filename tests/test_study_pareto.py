@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -77,6 +78,22 @@ def test_plots_and_table_are_written(report, capsys):
     for name, *_ in pareto.PLOTS:
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.slow  # spawns two workers that each import torch and load MiniLM
+def test_worker_processes_give_the_in_process_records(report, tmp_path):
+    # Two spawned workers, one thread each, on the threshold and transcoder points only.
+    _, records = report
+    study = replace(TINY, molt_ks=(2,), transcoder_ks=(4,), workers=2)
+    pooled = pareto.run_study(study, tmp_path, progress=False, log=lambda *_: None)
+    assert not (tmp_path / ".cache").exists()
+    expected = {(r["kind"], r["gating"], r["k"]): r for r in records}
+    assert len(pooled) == len(study.points())
+    for r in pooled:
+        same = expected[(r["kind"], r["gating"], r["k"])]
+        assert r["params"] == same["params"]
+        assert r["fvu"] == pytest.approx(same["fvu"], rel=1e-3)
+        assert r["l0"] == pytest.approx(same["l0"], rel=1e-3)
 
 
 def test_interpolation_at_equal_l0():

@@ -46,7 +46,6 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from multiprocessing import get_context
@@ -82,7 +81,6 @@ from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig
 from molt_kernels.tools.bench.report import render_table
 
 KINDS = ("molt", "molt-uniform", "transcoder")
-GATINGS = ("threshold", "topk")
 HELD_OUT_FRACTION = 0.1
 MAX_PARAM_MISMATCH = 0.01
 # Chosen per kind from the same pilot: lr in {1e-3, 3e-3}, 1000 steps, one mid-sparsity point per
@@ -357,7 +355,8 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_point(study: StudyConfig, spec: PointSpec, seed: int, data_file: str) -> dict:
+def _worker_task(task: tuple[StudyConfig, PointSpec, int, str]) -> dict[str, Any]:
+    study, spec, seed, data_file = task
     return run_point(study, spec, seed, _worker_data(data_file), _worker_model())
 
 
@@ -413,18 +412,17 @@ def run_study(
             for layer, data in layer_data.items():
                 torch.save(data, files[layer])
             layer_data.clear()
-            with ProcessPoolExecutor(
-                study.workers,
-                mp_context=get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(study.threads,),
-            ) as pool:
-                futures = [
-                    pool.submit(_worker_point, study, spec, seed, files[layer])
-                    for spec, seed, layer in jobs
-                ]
-                for future in as_completed(futures):
-                    done(future.result())
+            pool = get_context("spawn").Pool(
+                study.workers, initializer=_worker_init, initargs=(study.threads,)
+            )
+            try:
+                tasks = [(study, spec, seed, files[layer]) for spec, seed, layer in jobs]
+                for record in pool.imap_unordered(_worker_task, tasks):
+                    done(record)
+                pool.close()
+            finally:
+                pool.terminate()  # at once, also when stopped: no queued point runs on
+                pool.join()
     finally:
         bar.close()
         for path in cache_dir.glob("layer*.pt"):

@@ -74,6 +74,7 @@ def test_plots_and_table_are_written(report, capsys):
     out, records = report
     assert pareto.main(["--out", str(out), "--render"]) == 0
     printed = capsys.readouterr().out
+    assert "FVU @L0=2" in printed
     assert "transcoder (topk)" in printed and "molt (threshold)" in printed
     for name, *_ in pareto.PLOTS:
         png = (out / name).read_bytes()
@@ -94,6 +95,15 @@ def test_worker_processes_give_the_in_process_records(report, tmp_path):
         assert r["params"] == same["params"]
         assert r["fvu"] == pytest.approx(same["fvu"], rel=1e-3)
         assert r["l0"] == pytest.approx(same["l0"], rel=1e-3)
+
+
+def test_runs_merge_into_one_report(report, tmp_path):
+    out, records = report
+    merged = pareto.merge_runs([out], tmp_path)
+    assert merged == records
+    assert json.loads((tmp_path / "pareto.json").read_text())["points"] == records
+    with pytest.raises(ValueError, match="more than one"):
+        pareto.merge_runs([out, out], tmp_path)
 
 
 def test_interpolation_at_equal_l0():

@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from multiprocessing import get_context
@@ -361,7 +361,11 @@ def _worker_task(task: tuple[StudyConfig, PointSpec, int, str]) -> dict[str, Any
 
 
 def run_study(
-    study: StudyConfig, out_dir: Path, progress: bool = True, log=print
+    study: StudyConfig,
+    out_dir: Path,
+    progress: bool = True,
+    log: Callable[[str], object] = print,
+    command: str = "",
 ) -> list[dict[str, Any]]:
     """Run every (seed, layer, point), seed by seed, so that a study stopped early holds whole
     curves. ``pareto.json`` is rewritten after each point. Returns the records."""
@@ -369,7 +373,7 @@ def run_study(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_minilm()
-    meta = _meta(study)
+    meta = _meta(study, command)
     started = time.perf_counter()
     layer_data: dict[int, dict[str, Any]] = {}
     for layer in study.layers:
@@ -440,9 +444,9 @@ def _record_order(r: dict[str, Any]) -> tuple:
             r["sparsity_coef"])  # fmt: skip
 
 
-def _meta(study: StudyConfig) -> dict[str, Any]:
+def _meta(study: StudyConfig, command: str) -> dict[str, Any]:
     return {
-        "command": "python -m molt_kernels study pareto " + shlex.join(sys.argv[1:]),
+        "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
@@ -461,6 +465,25 @@ def write_json(path: Path, meta: dict[str, Any], records: list[dict[str, Any]]) 
 def read_json(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     report = json.loads(Path(path).read_text())
     return report["meta"], report["points"]
+
+
+def merge_runs(run_dirs: Sequence[Path], out_dir: Path) -> list[dict[str, Any]]:
+    """The points of several runs' ``pareto.json`` in one ``out_dir/pareto.json`` (meta: the runs'
+    metas); a (layer, seed, point) present twice is an error. Returns the merged records."""
+    metas, records, seen = [], [], set()
+    for run_dir in run_dirs:
+        meta, points = read_json(Path(run_dir) / "pareto.json")
+        metas.append(meta)
+        for r in points:
+            key = (r["layer"], r["seed"], r["kind"], r["gating"], r["k"], r["sparsity_coef"])
+            if key in seen:
+                raise ValueError(f"point {key} is in more than one of {list(run_dirs)}")
+            seen.add(key)
+            records.append(r)
+    records.sort(key=_record_order)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "pareto.json", {"merged_runs": metas}, records)
+    return records
 
 
 # -- summaries: table and plots -------------------------------------------------------------------
@@ -630,7 +653,12 @@ def parse_args(argv: Sequence[str]) -> tuple[StudyConfig, argparse.Namespace]:
     parser.add_argument("--workers", type=int, help="parallel training processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--render", action="store_true", help="only re-print the table and plots of DIR"
+        "--render",
+        nargs="*",
+        type=Path,
+        metavar="RUN_DIR",
+        help="train nothing: print the tables and draw the plots of DIR/pareto.json, or of the "
+        "points of the RUN_DIRs' pareto.json merged into DIR/pareto.json",
     )
     args = parser.parse_args(list(argv))
     study = QUICK if args.quick else FULL
@@ -652,11 +680,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A stopped study (kill, timeout) unwinds like Ctrl-C: the workers are shut down and the
     # cached activations deleted; pareto.json keeps the points already finished.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    study, args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    study, args = parse_args(argv)
     if args.render:
+        records = merge_runs(args.render, args.out)
+    elif args.render is not None:
         _, records = read_json(args.out / "pareto.json")
     else:
-        records = run_study(study, args.out, progress=not args.no_progress)
+        command = "python -m molt_kernels study pareto " + shlex.join(argv)
+        records = run_study(study, args.out, progress=not args.no_progress, command=command)
     print(summary_table(records))
     print()
     print(equal_l0_table(records))

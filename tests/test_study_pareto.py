@@ -48,6 +48,7 @@ def test_pareto_json_has_one_finite_record_per_point(report):
     saved = json.loads((out / "pareto.json").read_text())
     assert saved["points"] == records
     assert saved["meta"]["config"]["steps"] == TINY.steps
+    assert 0 < saved["meta"]["mean_ablation_embedding_cosine"]["2"] < 1
     assert len(records) == len(TINY.points()) == 5
     assert {(r["kind"], r["gating"]) for r in records} == {
         ("molt", "threshold"),

@@ -235,6 +235,10 @@ def prepare_layer(study: StudyConfig, model: nn.Module, layer: int) -> dict[str,
     pick = torch.randperm(len(x_eval), generator=torch.Generator().manual_seed(0))
     x_jac = x_eval[pick[: study.jacobian_tokens]]
     embedding_texts = held_out_texts[: study.embedding_texts]
+    embeddings = model.encode(embedding_texts)
+    # Reference for the spliced-in effect: the MLP replaced by its mean output (mean ablation).
+    with replaced(model, {path: ConstantOutput(y.mean(0))}):
+        ablated = model.encode(embedding_texts)
     return {
         "layer": layer,
         "x": x,
@@ -244,8 +248,24 @@ def prepare_layer(study: StudyConfig, model: nn.Module, layer: int) -> dict[str,
         "x_jac": x_jac,
         "jac_mlp": module_jacobian(get_module(model, path), x_jac),
         "embedding_texts": embedding_texts,
-        "embeddings": model.encode(embedding_texts),
+        "embeddings": embeddings,
+        "mean_ablation_embedding_cosine": nn.functional.cosine_similarity(
+            ablated, embeddings, dim=1
+        )
+        .mean()
+        .item(),
     }
+
+
+class ConstantOutput(nn.Module):
+    """Maps [..., d_in] to ``value`` [d_out] at every token: a mean-ablated MLP."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(*x.shape[:-1], -1)
 
 
 # -- one point ------------------------------------------------------------------------------------
@@ -377,10 +397,11 @@ def run_study(
     started = time.perf_counter()
     layer_data: dict[int, dict[str, Any]] = {}
     for layer in study.layers:
-        layer_data[layer] = prepare_layer(study, model, layer)
+        data = layer_data[layer] = prepare_layer(study, model, layer)
+        meta["mean_ablation_embedding_cosine"][layer] = data["mean_ablation_embedding_cosine"]
         log(
-            f"layer {layer}: {len(layer_data[layer]['x'])} training / "
-            f"{len(layer_data[layer]['x_eval'])} held-out tokens, "
+            f"layer {layer}: {len(data['x'])} training / {len(data['x_eval'])} held-out tokens, "
+            f"mean-ablation embedding cosine {data['mean_ablation_embedding_cosine']:.4f}, "
             f"{time.perf_counter() - started:.0f}s"
         )
     jobs = [
@@ -453,6 +474,7 @@ def _meta(study: StudyConfig, command: str) -> dict[str, Any]:
         "load_average_before": list(os.getloadavg()),
         "config": asdict(study),
         "paper_params": study.paper_config(None).n_parameters(),
+        "mean_ablation_embedding_cosine": {},  # layer -> cosine, the floor for embedding_cosine
     }
 
 

@@ -663,9 +663,11 @@ def parse_args(argv: Sequence[str]) -> tuple[StudyConfig, argparse.Namespace]:
         description="MOLT vs TopK transcoder Pareto frontiers on all-MiniLM-L6-v2 MLPs "
         "(offline). Writes DIR/pareto.json and three PNG plots.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output directory DIR")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     parser.add_argument(
-        "--quick", action="store_true", help="1 layer, 1 seed, 300 steps: ~5 min on 2 cores"
+        "--quick",
+        action="store_true",
+        help="reduced: layer 3, seed 0, 300 steps on 32k training tokens",
     )
     parser.add_argument("--layers", type=int, nargs="+", help="MiniLM layers (0-5)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds")

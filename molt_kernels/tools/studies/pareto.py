@@ -89,6 +89,7 @@ LEARNING_RATES = {"molt": 1e-3, "molt-uniform": 1e-3, "transcoder": 3e-3}
 RECORD_FIELDS = (
     "kind", "gating", "layer", "seed", "k", "sparsity_coef", "activation", "shape", "params",
     "params_ratio", "fvu", "nmse", "l0", "dead_fraction", "jacobian_cosine", "embedding_cosine",
+    "embedding_cosine_all_tokens",
     "flops_forward", "flops_train", "active_rank", "train_fvu", "train_l0",
     "train_dead_fraction", "steps", "batch_size", "lr", "train_tokens", "eval_tokens",
     "train_seconds", "eval_seconds",
@@ -237,8 +238,7 @@ def prepare_layer(study: StudyConfig, model: nn.Module, layer: int) -> dict[str,
     embedding_texts = held_out_texts[: study.embedding_texts]
     embeddings = model.encode(embedding_texts)
     # Reference for the spliced-in effect: the MLP replaced by its mean output (mean ablation).
-    with replaced(model, {path: ConstantOutput(y.mean(0))}):
-        ablated = model.encode(embedding_texts)
+    ablated = spliced_embeddings(model, layer, ConstantOutput(y.mean(0)), embedding_texts)
     return {
         "layer": layer,
         "x": x,
@@ -249,12 +249,55 @@ def prepare_layer(study: StudyConfig, model: nn.Module, layer: int) -> dict[str,
         "jac_mlp": module_jacobian(get_module(model, path), x_jac),
         "embedding_texts": embedding_texts,
         "embeddings": embeddings,
-        "mean_ablation_embedding_cosine": nn.functional.cosine_similarity(
-            ablated, embeddings, dim=1
-        )
-        .mean()
-        .item(),
+        "mean_ablation_embedding_cosine": _mean_cosine(ablated, embeddings),
     }
+
+
+def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return nn.functional.cosine_similarity(a, b, dim=1).mean().item()
+
+
+class SpliceExceptAt(nn.Module):
+    """``replacement(x)``, except at the positions ``keep_original`` [B, T] bool (set before each
+    forward; None: nowhere), which get ``original(x)``."""
+
+    def __init__(self, original: nn.Module, replacement: nn.Module) -> None:
+        super().__init__()
+        self.original, self.replacement = original, replacement
+        self.keep_original: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.replacement(x)
+        if self.keep_original is None:
+            return out
+        return torch.where(self.keep_original[..., None], self.original(x), out)
+
+
+@torch.no_grad()
+def spliced_embeddings(
+    model: nn.Module,
+    layer: int,
+    replacement: nn.Module,
+    texts: list[str],
+    at_special_tokens: bool = False,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Sentence embeddings [len(texts), 384] with ``replacement`` in place of layer ``layer``'s MLP.
+
+    The replacements are trained without [CLS]/[SEP] (``capture_mlp_activations`` drops them, and
+    their MLP outputs are outliers), so by default those positions keep the MLP, as replacement
+    models keep the original MLP at BOS; ``at_special_tokens=True`` replaces them too.
+    """
+    path = minilm_mlp_path(layer)
+    splice = SpliceExceptAt(get_module(model, path), replacement)
+    out = []
+    with replaced(model, {path: splice}):
+        for lo in range(0, len(texts), batch_size):
+            batch = model.tokenize(texts[lo : lo + batch_size], return_special_tokens_mask=True)
+            special = batch.pop("special_tokens_mask").bool()
+            splice.keep_original = None if at_special_tokens else special
+            out.append(model.embed(**batch))
+    return torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
 
 
 class ConstantOutput(nn.Module):
@@ -287,17 +330,19 @@ def evaluate(layer: nn.Module, data: dict[str, Any], model: nn.Module) -> dict[s
     else:
         active_rank, cost = None, transcoder_cost(layer.cfg)
         jac = transcoder_jacobian(layer, data["x_jac"])
-    with replaced(model, {minilm_mlp_path(data["layer"]): layer}):
-        spliced = model.encode(data["embedding_texts"])
+    texts, reference = data["embedding_texts"], data["embeddings"]
+    spliced, spliced_all = (
+        spliced_embeddings(model, data["layer"], layer, texts, at_special_tokens=everywhere)
+        for everywhere in (False, True)
+    )
     return {
         "fvu": fvu(pred, y_eval).item(),
         "nmse": normalized_mse(pred, y_eval).item(),
         "l0": l0(gates).item(),
         "dead_fraction": 1.0 - fired.double().mean().item(),
         "jacobian_cosine": jacobian_cosine(jac, data["jac_mlp"]).mean().item(),
-        "embedding_cosine": nn.functional.cosine_similarity(spliced, data["embeddings"], dim=1)
-        .mean()
-        .item(),
+        "embedding_cosine": _mean_cosine(spliced, reference),
+        "embedding_cosine_all_tokens": _mean_cosine(spliced_all, reference),
         "flops_forward": cost.forward,
         "flops_train": cost.forward_backward,
         "active_rank": active_rank,

@@ -65,6 +65,7 @@ def test_pareto_json_has_one_finite_record_per_point(report):
             assert math.isfinite(r[key]), (key, r)
         assert abs(r["params_ratio"] - 1) < pareto.MAX_PARAM_MISMATCH
         assert 0 <= r["dead_fraction"] <= 1 and -1 <= r["jacobian_cosine"] <= 1
+        assert -1 <= r["embedding_cosine_all_tokens"] <= 1
         assert r["flops_train"] == 3 * r["flops_forward"]
         assert r["train_tokens"] == 512 and r["eval_tokens"] == 256
         if r["gating"] == "topk":

@@ -26,7 +26,10 @@ the mean cosine between the layer's closed-form Jacobian and the MLP's (autograd
 ``jacobian_tokens`` held-out tokens; matmul FLOPs per token, forward (the gate and the active
 transforms' ranks as routed on the held-out tokens; a transcoder's encoder and k decoder rows) and
 training (forward + backward = 3x forward); wall times; and the spliced-in effect: the mean cosine
-between the sentence embeddings of held-out texts with the layer in place of the MLP and without.
+between the sentence embeddings of held-out texts with the layer in place of the MLP and without,
+the MLP kept at [CLS]/[SEP] (the layers never train on them; :func:`spliced_embeddings`), and
+with the layer at every token (``embedding_cosine_all_tokens``). ``meta`` holds, per layer, the
+same cosine for the MLP replaced by its mean output (``mean_ablation_embedding_cosine``).
 Plots: FVU vs L0, Jacobian cosine vs L0, FVU vs forward FLOPs per token, one panel per layer, one
 curve per (kind, gating), markers at the mean over seeds with bars spanning the seeds' min..max.
 """
@@ -572,23 +575,31 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ±{half:.3f}"
 
 
+def _mean(values: list[float], spec: str) -> str:
+    return format(statistics.fmean(values), spec) if values else "-"
+
+
 def summary_table(records: list[dict[str, Any]]) -> str:
     """Markdown table: one row per (layer, curve, sweep value), means over seeds (± half the
     seeds' range)."""
     headers = [
         "layer", "curve", "k / coef", "params", "L0", "FVU", "NMSE", "Jac cos", "emb cos",
-        "dead", "FLOP/tok fwd", "train s", "seeds",
+        "emb cos all", "dead", "FLOP/tok fwd", "train s", "seeds",
     ]  # fmt: skip
     rows = []
     for layer, curve, points in _curves(records):
         for group in points:
             first = group[0]
-            get = lambda key, group=group: [r[key] for r in group]  # noqa: E731
+
+            def get(key: str, group: list[dict] = group) -> list[float]:
+                return [r[key] for r in group if r.get(key) is not None]  # absent in old runs
+
             sweep = first["k"] if first["gating"] == "topk" else f"{first['sparsity_coef']:g}"
             rows.append([
                 layer, curve, sweep, f"{first['params']:,}", _spread(get("l0")),
                 _spread(get("fvu")), _spread(get("nmse")), _spread(get("jacobian_cosine")),
-                f"{statistics.fmean(get('embedding_cosine')):.4f}",
+                _mean(get("embedding_cosine"), ".4f"),
+                _mean(get("embedding_cosine_all_tokens"), ".4f"),
                 f"{statistics.fmean(get('dead_fraction')):.2f}",
                 f"{statistics.fmean(get('flops_forward')) / 1e6:.2f}M",
                 f"{statistics.fmean(get('train_seconds')):.0f}", len(group),

@@ -1,4 +1,5 @@
-"""`python -m molt_kernels <command> [options]`: verify, bench, gpu-report, flops, convert, study."""
+"""`python -m molt_kernels <command> [options]`: verify, bench, gpu-report, flops, convert, study
+(``--help`` on each)."""
 
 from __future__ import annotations
 

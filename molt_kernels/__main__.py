@@ -1,10 +1,11 @@
-"""`python -m molt_kernels <command> [options]`: verify, bench, gpu-report, flops, convert,
-train."""
+"""`python -m molt_kernels <command> [options]`: verify, bench, gpu-report, flops, convert, train,
+study (``--help`` on each)."""
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from molt_kernels.tools.subcommands import dispatch
 
 COMMANDS = {
     "verify": ("molt_kernels.tools.verify", "check every backend against the float64 reference"),
@@ -13,26 +14,13 @@ COMMANDS = {
     "flops": ("molt_kernels.tools.flops", "parameters and FLOPs of MOLTs and matched transcoders"),
     "convert": ("molt_kernels.tools.convert", "OpenMOSS / crosslayer-transcoder / sparsify files"),
     "train": ("molt_kernels.tools.train", "train MOLTs / transcoders on a model's MLPs on the fly"),
+    "study": ("molt_kernels.tools.study", "research studies on real models (pareto)"),
 }
-
-
-def usage() -> str:
-    lines = ["usage: python -m molt_kernels <command> [options]", "", "commands:"]
-    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest)
+    return dispatch("python -m molt_kernels", COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,46 @@ def test_bad_train_config_is_a_clear_error():
     layer = MOLT(MOLTConfig(d_in=4, rank_counts={2: 3}, k=2))
     with pytest.raises(ValueError, match="batch_size"):
         train(layer, torch.randn(10, 4), torch.randn(10, 4), TrainConfig(batch_size=64))
+
+
+def test_encoder_bias_reopens_dead_transcoder_features():
+    from molt_kernels.interp.train import fit_encoder_bias
+    from molt_kernels.layers.transcoder import TopKTranscoder, TranscoderConfig
+
+    torch.manual_seed(0)
+    tc = TopKTranscoder(TranscoderConfig(d_in=16, n_features=64, k=4))
+    x = torch.randn(8192, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 17, 40]] = True
+    with torch.no_grad():
+        tc.b_enc[dead] = -100.0  # never in any token's top k
+    before = tc.b_enc.detach().clone()
+    assert not torch.isin(tc.encode(x)[1], dead.nonzero()).any()
+    fit_encoder_bias(tc, x, dead)
+    assert torch.equal(tc.b_enc[~dead], before[~dead])
+    acts, indices = tc.encode(x)
+    for f in dead.nonzero()[:, 0]:
+        rate = ((indices == f) & (acts > 0)).any(-1).double().mean().item()
+        assert 0.5 * 4 / 64 < rate < 1.5 * 4 / 64, (f, rate)
+
+
+def test_training_reopens_dead_transcoder_features(activations):
+    # A third of the features shut (encoder bias -100): no gradient reaches them, so only the
+    # reopening brings them back.
+    from molt_kernels.layers.flops import matched_transcoder
+    from molt_kernels.layers.transcoder import TopKTranscoder
+
+    x, y = activations
+    cfg = matched_transcoder(MOLTConfig.paper(384, 1, None), k=8)
+    logs = {}
+    for revive in (None, 10):
+        torch.manual_seed(0)
+        tc = TopKTranscoder(cfg)
+        with torch.no_grad():
+            tc.b_enc[: cfg.n_features // 3] = -100.0
+        settings = dict(steps=40, batch_size=256, log_every=10, progress=False)
+        logs[revive] = train(
+            tc, x, y, TrainConfig(**settings, revive_every=revive, dead_window_tokens=2048)
+        )
+    assert min(logs[None].dead_fraction[1:]) > 0.33
+    assert logs[10].dead_fraction[-1] < 0.1

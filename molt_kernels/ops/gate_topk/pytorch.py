@@ -7,10 +7,22 @@ in O(T) per token instead of sorting.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .activation import apply_activation
+from .linear import gate_logits
+
+
+def order_key(values: Tensor) -> Tensor:
+    """int64 keys [same shape] whose order is exactly the values' order, for any float dtype:
+    equal values (-0.0 and +0.0 included) get equal keys, and NaN ranks above +inf, as
+    ``torch.sort`` ranks it. Comparing fp64 values through int64 keeps ties exact on every device.
+    """
+    v = values.to(torch.float64)  # exact for every float dtype
+    bits = torch.where(v == 0, 0.0, v).view(torch.int64)
+    # Negative doubles order backwards as signed integers: flip their magnitude bits.
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    return torch.where(v.isnan(), torch.iinfo(torch.int64).max, key)
 
 
 def topk_lowest_index(values: Tensor, k: int) -> Tensor:
@@ -18,10 +30,10 @@ def topk_lowest_index(values: Tensor, k: int) -> Tensor:
 
     One top-k decides every row whose k-th value is not tied with an unselected element; only
     rows where a tie straddles the cut (e.g. relu zeros when fewer than k are positive) take the
-    exact, slower path. NaN counts as +inf, so a row with NaN still yields k distinct indices
-    (only that row changes).
+    exact, slower path. Ranking runs on ``order_key``, so the tie rule holds exactly for every
+    dtype and NaN ranks first, as in the reference's sort.
     """
-    key = torch.nan_to_num(values, nan=float("inf"))
+    key = order_key(values)
     top = key.topk(k, dim=1)
     straddling = (key >= top.values[:, -1:]).sum(dim=1) > k
     # Equal values inside the selection: ascending ids, then a stable sort by value.
@@ -58,7 +70,7 @@ def gate_topk_torch(
     bandwidth: float,
 ) -> tuple[Tensor, Tensor]:
     """x [N, d_in] -> gates [N, k], indices [N, k] int64 (k=None: all T, in id order)."""
-    acts = apply_activation(F.linear(x, W_gate, b_gate), activation, log_threshold, bandwidth)
+    acts = apply_activation(gate_logits(x, W_gate, b_gate), activation, log_threshold, bandwidth)
     n, t = acts.shape
     if k is None:
         return acts, torch.arange(t, device=x.device).expand(n, t)

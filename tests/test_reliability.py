@@ -438,3 +438,24 @@ def test_nan_token_with_zero_loss_weight_is_contained_alike_on_every_backend(act
     for backend in ("torch", "triton"):
         for got, want in zip(results[backend], results["reference"]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "identity"])
+def test_nan_gate_weight_behaves_alike_on_every_backend(activation):
+    """A NaN in a W_gate row cannot be contained (that logit is NaN for every token, so every
+    token selects it first); all backends must still agree on values and NaN pattern."""
+    base = small_layer("reference", activation)
+    with torch.no_grad():
+        base.W_gate[3, 2] = NAN
+    x = torch.randn(4, 6, dtype=torch.float64)
+    results = {}
+    for backend in BACKENDS:
+        layer = small_layer(backend, activation)
+        layer.load_state_dict(base.state_dict())
+        xb = x.clone().requires_grad_(True)
+        y = layer(xb)
+        y.sum().backward()
+        results[backend] = [y, xb.grad, *(p.grad for p in layer.parameters())]
+    for backend in ("torch", "triton"):
+        for got, want in zip(results[backend], results["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)

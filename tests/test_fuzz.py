@@ -52,6 +52,8 @@ class FuzzCase:
             f"seed={self.seed} d={self.cfg.d_in}->{self.cfg.d_out} ranks={ranks} "
             f"k={self.cfg.k} {self.cfg.activation} {str(self.dtype)[6:]} "
             f"tokens={self.n_tokens} {self.routing} {self.layout}"
+            f"{' norm-gate' * self.cfg.scale_gate_by_norm}{' standardize' * self.cfg.standardize}"
+            f"{' no-bias' * (not self.cfg.decoder_bias)}"
         )
 
 
@@ -71,6 +73,9 @@ def fuzz_case(seed: int) -> FuzzCase:
         k=k,
         activation=rng.choice(ACTIVATIONS),
         jumprelu_bandwidth=0.5,
+        scale_gate_by_norm=rng.random() < 0.3,
+        standardize=rng.random() < 0.2,
+        decoder_bias=rng.random() < 0.8,
     )
     return FuzzCase(
         seed,

@@ -58,7 +58,7 @@ class FuzzCase:
 
 
 def fuzz_case(seed: int) -> FuzzCase:
-    rng = random.Random(seed)
+    rng, options = random.Random(seed), random.Random(f"options-{seed}")
     n_buckets = rng.randint(1, 3)
     ranks = rng.sample([1, 2, 3, 4, 5, 7, 8, 16, 24, 33], n_buckets)
     rank_counts = {r: rng.randint(1, 6) for r in ranks}
@@ -73,9 +73,11 @@ def fuzz_case(seed: int) -> FuzzCase:
         k=k,
         activation=rng.choice(ACTIVATIONS),
         jumprelu_bandwidth=0.5,
-        scale_gate_by_norm=rng.random() < 0.3,
-        standardize=rng.random() < 0.2,
-        decoder_bias=rng.random() < 0.8,
+        # The layer options come from a stream of their own, so adding options never changes
+        # the rest of a seed's case.
+        scale_gate_by_norm=options.random() < 0.3,
+        standardize=options.random() < 0.2,
+        decoder_bias=options.random() < 0.8,
     )
     return FuzzCase(
         seed,

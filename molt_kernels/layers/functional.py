@@ -103,6 +103,10 @@ def gate_topk(
         # Triton kernels read half inputs as they are and accumulate in fp32 themselves.
         dtype = accumulator_dtype(x.dtype)
         x2, W, b = x2.to(dtype), W.to(dtype), b.to(dtype)
+        # theta = exp(log_threshold) in the accumulation dtype too: exp of a bf16 threshold
+        # rounded to bf16 would move the cut by up to 2^-9 relative.
+        if log_threshold is not None:
+            log_threshold = log_threshold.to(dtype)
     gate = gate_topk_backend(backend)
     gates, indices = gate(x2, W, b, k, activation, log_threshold, bandwidth)
     if norm_scale is not None:

@@ -46,11 +46,12 @@ def _kernel_weight(W: Tensor, x_dtype: torch.dtype) -> Tensor:
 def _theta(
     activation: str, log_threshold: Tensor | None, acc: torch.dtype, placeholder: Tensor
 ) -> Tensor:
-    """theta = exp(log_threshold) in log_threshold's dtype, then cast: exactly the torch
-    backend's. Without jumprelu the kernels never read it and get ``placeholder``."""
+    """theta = exp(log_threshold) computed in the accumulation dtype (fp32, fp64 for fp64 x),
+    exactly the torch backend's. Without jumprelu the kernels never read it and get
+    ``placeholder``."""
     if activation != "jumprelu":
         return placeholder
-    return log_threshold.exp().to(acc).contiguous()
+    return log_threshold.to(acc).exp().contiguous()
 
 
 def _prepare(

@@ -125,6 +125,11 @@ def known_failure(case: FuzzCase, backend: str) -> str | None:
             "issue 10 (item 1 of issue 11): the bf16 triton decode returns garbage under "
             "TRITON_INTERPRET=1"
         )
+    if case.dtype == torch.bfloat16 and case.cfg.scale_gate_by_norm:
+        return (
+            "open finding of this fuzzer, also on main 8e01e75 (seed 8: U/V gradients 0.8 off): "
+            "bf16 with scale_gate_by_norm"
+        )
     return None
 
 

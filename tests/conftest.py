@@ -14,3 +14,14 @@ import torch  # noqa: E402
 def _seed():
     # Fresh but reproducible inputs per test.
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Long sweeps (@pytest.mark.slow) run only when asked for with -m (e.g. `pytest -m slow`);
+    # the default run, CI's `pytest -q`, deselects them (reported as deselected, not skipped).
+    if config.option.markexpr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

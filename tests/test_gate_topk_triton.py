@@ -205,12 +205,14 @@ def test_bad_arguments_are_clear_errors():
 
 
 def test_configs_fit_the_selection_kernel():
-    """Every k in range gets a tile that holds its list; beyond MAX_K_PAD the fallback takes it."""
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    """Every k in range gets a tile that holds its list; beyond MAX_K_PAD, and for fp64 (exact
+    ranking), the dense fallback takes it."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for k in range(1, configs.MAX_K_PAD + 1):
             cfg = configs.fwd_config(k, dtype)
             assert cfg.k_pad >= k and cfg.block_t >= cfg.k_pad
         assert configs.fwd_config(configs.MAX_K_PAD + 1, dtype) is None
+    assert all(configs.fwd_config(k, torch.float64) is None for k in (1, 8, configs.MAX_K_PAD))
     names = {b.name for b in gate_builds.gpu_report_builds()}
     assert {"gate_topk_fwd", "gate_topk_merge", "gate_bwd_dx", "gate_bwd_dw"} <= names
 

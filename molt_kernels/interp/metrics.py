@@ -11,11 +11,30 @@ from torch import Tensor, nn
 from ..layers.config import MOLTConfig
 
 
+def _check_same_shape(pred: Tensor, target: Tensor) -> None:
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, Tensor) or t.dim() < 1:
+            raise TypeError(f"{name} must be a tensor [..., d], got {type(t).__name__}")
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must have one shape, got {list(pred.shape)} and {list(target.shape)}"
+        )
+
+
+def _check_tokens(name: str, x: Tensor, width: int | None = None) -> None:
+    """x is a 2-d tensor [N, width] (any width when None)."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or (width is not None and x.shape[1] != width):
+        want = f"[N, {width}]" if width is not None else "[N, d]"
+        got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 2-d tensor {want}, got {got}")
+
+
 def fvu(pred: Tensor, target: Tensor) -> Tensor:
     """Fraction of variance unexplained: sum ||target - pred||^2 / sum ||target - mean||^2.
 
     pred, target [..., d]; the mean is over all leading dims (tokens). Returns a 0-d tensor.
     """
+    _check_same_shape(pred, target)
     target = target.reshape(-1, target.shape[-1]).double()
     pred = pred.reshape(-1, pred.shape[-1]).double()
     residual = (target - pred).square().sum()
@@ -25,6 +44,7 @@ def fvu(pred: Tensor, target: Tensor) -> Tensor:
 
 def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
     """mean ||target - pred||^2 / mean ||target||^2 (0-d tensor)."""
+    _check_same_shape(pred, target)
     return (target.double() - pred.double()).square().sum() / target.double().square().sum()
 
 
@@ -35,6 +55,11 @@ def l0(gates: Tensor) -> Tensor:
 
 def l0_per_bucket(gates: Tensor, indices: Tensor, cfg: MOLTConfig) -> dict[int, float]:
     """Mean active transforms per token in each rank bucket, keyed by rank."""
+    if gates.shape != indices.shape:
+        raise ValueError(
+            f"gates and indices must have one shape, got {list(gates.shape)}, "
+            f"{list(indices.shape)}"
+        )
     offsets = torch.tensor(cfg.bucket_offsets[1:-1], device=indices.device)
     bucket = torch.bucketize(indices, offsets, right=True)
     active = gates != 0
@@ -103,6 +128,7 @@ def molt_jacobian(layer: nn.Module, x: Tensor, chunk: int = 64) -> Tensor:
     and J scaled to diag(output_std) J diag(1 / input_std).
     """
     cfg: MOLTConfig = layer.cfg
+    _check_tokens("x", x, cfg.d_in)
     gates, indices = layer.encode(x)
     x = layer.standardize_input(x)
     offsets = cfg.bucket_offsets
@@ -130,6 +156,7 @@ def molt_jacobian(layer: nn.Module, x: Tensor, chunk: int = 64) -> Tensor:
 def transcoder_jacobian(layer: nn.Module, x: Tensor) -> Tensor:
     """Closed-form d y / d x of a TopK transcoder: J = sum_{j active} W_dec[f_j]^T W_enc[f_j]
     (+ W_skip). x [N, d_in] -> J [N, d_out, d_in]."""
+    _check_tokens("x", x, layer.cfg.d_in)
     acts, indices = layer.encode(x)
     active = (acts != 0).to(x.dtype)
     jac = torch.einsum("nk,nko,nki->noi", active, layer.W_dec[indices], layer.W_enc[indices])
@@ -138,15 +165,29 @@ def transcoder_jacobian(layer: nn.Module, x: Tensor) -> Tensor:
     return jac
 
 
-def module_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """d fn / d x per token with torch.func.jacrev: x [N, d_in] -> [N, d_out, d_in].
+def module_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int = 16) -> Tensor:
+    """d fn / d x per token by reverse-mode autograd: x [N, d_in] -> [N, d_out, d_in].
 
-    ``fn`` maps [n, d_in] -> [n, d_out] token-wise (an MLP block, or a replacement layer). jacrev
-    vmaps only the backward over output directions; the forward runs once per token, plainly, so
-    layers with data-dependent routing work too.
+    ``fn`` maps [n, d_in] -> [n, d_out] token-wise (an MLP block, or a replacement layer on any
+    backend). Each token is repeated d_out times and the i-th copy's output i is differentiated,
+    so one plain forward and backward per chunk of tokens give whole Jacobians: no torch.func
+    transform is involved, so layers whose autograd is hand-written (the sparse and fused MOLT
+    backends) and data-dependent routing work as they do in training.
     """
-    per_token = torch.func.jacrev(lambda v: fn(v[None])[0])
-    return torch.stack([per_token(xi) for xi in x]) if len(x) else x.new_zeros(0, 0, x.shape[-1])
+    _check_tokens("x", x)
+    out = []
+    for lo in range(0, x.shape[0], chunk):
+        xs = x[lo : lo + chunk].detach()
+        n, d_in = xs.shape
+        with torch.no_grad():
+            d_out = fn(xs[:1]).shape[-1]
+        copies = xs.repeat_interleave(d_out, dim=0).requires_grad_(True)  # [n * d_out, d_in]
+        with torch.enable_grad():
+            y = fn(copies).reshape(n, d_out, d_out)
+            picked = torch.diagonal(y, dim1=1, dim2=2).sum()
+            (grad,) = torch.autograd.grad(picked, copies)
+        out.append(grad.reshape(n, d_out, d_in))
+    return torch.cat(out) if out else x.new_zeros(0, 0, x.shape[-1])
 
 
 def jacobian_cosine(jac_a: Tensor, jac_b: Tensor) -> Tensor:

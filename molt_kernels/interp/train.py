@@ -28,6 +28,7 @@ activations.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from ..layers.molt import MOLT
 from ..layers.transcoder import TopKTranscoder
+from ..ops.validation import check_positive_float
 from .metrics import DeadTracker, fvu, l0
 
 PENALTY_FORMS = ("tanh", "l1")
@@ -74,6 +76,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive_float("lr", self.lr)
+        for name in ("weight_decay", "sparsity_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         if self.checkpoint_every is not None and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every needs checkpoint_dir")
 
@@ -212,6 +221,10 @@ def train(
     Returns the metric log. Checkpoints (``save_pretrained``) go to ``cfg.checkpoint_dir/step_N``.
     """
     cfg = cfg or TrainConfig()
+    for name, t, width in (("x", x, layer.cfg.d_in), ("y", y, layer.cfg.d_out)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != width:
+            got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 2-d tensor [n, {width}] for this layer, got {got}")
     if x.shape[0] != y.shape[0] or x.shape[0] < cfg.batch_size:
         raise ValueError(
             f"x and y need the same number of rows, at least batch_size={cfg.batch_size}; "

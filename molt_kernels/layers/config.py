@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..ops.validation import check_activation, check_k, check_positive_int
+from ..ops.validation import check_activation, check_k, check_positive_float, check_positive_int
 
 PAPER_MAX_RANK = 512
 PAPER_BUCKETS = 5
@@ -104,14 +104,14 @@ class MOLTConfig:
         object.__setattr__(self, "counts", tuple(int(c) for c in self.rank_counts.values()))
         check_k(self.k, self.n_transforms, "n_transforms")
         check_activation(self.activation)
-        if not (isinstance(self.jumprelu_bandwidth, (int, float)) and self.jumprelu_bandwidth > 0):
-            raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth!r}")
-        if self.init_l0 is not None and not 0 < self.init_l0 <= self.n_transforms:
-            raise ValueError(
-                f"init_l0 must be in (0, n_transforms={self.n_transforms}], got {self.init_l0}"
-            )
-        if not self.init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
+        check_positive_float("jumprelu_bandwidth", self.jumprelu_bandwidth)
+        if self.init_l0 is not None:
+            check_positive_float("init_l0", self.init_l0)
+            if not self.init_l0 <= self.n_transforms:
+                raise ValueError(
+                    f"init_l0 must be in (0, n_transforms={self.n_transforms}], got {self.init_l0}"
+                )
+        check_positive_float("init_scale", self.init_scale)
         for name in ("scale_gate_by_norm", "standardize", "decoder_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -169,12 +169,17 @@ class MOLTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MOLTConfig:
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a MOLTConfig dict must be a mapping, got {type(d).__name__}")
         d = dict(d)
         rc = d.get("rank_counts")
         if isinstance(rc, list):
-            d["rank_counts"] = {int(r): int(c) for r, c in rc}
-        elif isinstance(rc, Mapping):
-            d["rank_counts"] = {int(r): int(c) for r, c in rc.items()}
+            # JSON form: [[rank, count], ...] in bucket order; values are checked, not coerced.
+            if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in rc):
+                raise ValueError(f"rank_counts must be a list of [rank, count] pairs, got {rc!r}")
+            d["rank_counts"] = {r: c for r, c in rc}
+            if len(d["rank_counts"]) != len(rc):
+                raise ValueError(f"rank_counts repeats a rank: {rc!r}")
         known = {f for f in cls.__dataclass_fields__ if f not in ("ranks", "counts")}
         unknown = set(d) - known
         if unknown:

@@ -11,13 +11,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ..ops.dtypes import accumulator_dtype, compute_dtype
 from ..ops.gate_topk import gate_topk_backend
 from ..ops.lowrank_mixture import lowrank_mixture_backend
-from ..ops.validation import check_gate_activation, check_indices, check_k, check_tensor, check_x
+from ..ops.validation import (
+    check_gate_activation,
+    check_indices,
+    check_k,
+    check_positive_float,
+    check_tensor,
+    check_x,
+)
 from .backend import resolve_backend
+
+
+def _refuse_forward_ad(op: str, backend: str, tensors: Sequence[Tensor | None]) -> None:
+    """Hand-written autograd (the sparse decode, the fused gate) is reverse-mode only; under
+    forward-mode AD (torch.func.jvp, jacfwd, forward_ad) the fused ops would return silently
+    wrong tangents, so ``backend`` refuses clearly."""
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op} on the {backend} backend supports reverse-mode autograd only (backward, "
+            "torch.autograd.grad, metrics.module_jacobian); forward-mode AD (torch.func.jvp, "
+            "jacfwd) needs backend='reference'"
+        )
 
 
 def _check_gate_args(
@@ -27,6 +47,7 @@ def _check_gate_args(
     k: int | None,
     activation: str,
     log_threshold: Tensor | None,
+    bandwidth: float,
     norm_scale: Tensor | None,
 ) -> int:
     if not isinstance(W_gate, Tensor) or W_gate.dim() != 2:
@@ -41,6 +62,7 @@ def _check_gate_args(
         check_tensor("log_threshold", log_threshold, (n_transforms,), x.device)
     if norm_scale is not None:
         check_tensor("norm_scale", norm_scale, (n_transforms,), x.device)
+    check_positive_float("bandwidth", bandwidth)
     return n_transforms
 
 
@@ -64,8 +86,10 @@ def gate_topk(
     ``norm_scale`` [T] (n_t >= 0, e.g. ||U_t V_t||_F): rank and cut act(n_t pre_t) instead, and
     return act(n_t pre_t) / n_t (0 where n_t = 0). It is a constant of the backward (detached).
     """
-    _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold, norm_scale)
+    _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold, bandwidth, norm_scale)
     backend = resolve_backend(backend, x.device)
+    if backend == "triton":  # the torch gate is plain PyTorch autograd: forward mode works
+        _refuse_forward_ad("gate_topk", backend, (x, W_gate, b_gate, log_threshold))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     W, b = W_gate, b_gate
@@ -79,6 +103,10 @@ def gate_topk(
         # Triton kernels read half inputs as they are and accumulate in fp32 themselves.
         dtype = accumulator_dtype(x.dtype)
         x2, W, b = x2.to(dtype), W.to(dtype), b.to(dtype)
+        # theta = exp(log_threshold) in the accumulation dtype too: exp of a bf16 threshold
+        # rounded to bf16 would move the cut by up to 2^-9 relative.
+        if log_threshold is not None:
+            log_threshold = log_threshold.to(dtype)
     gate = gate_topk_backend(backend)
     gates, indices = gate(x2, W, b, k, activation, log_threshold, bandwidth)
     if norm_scale is not None:
@@ -95,7 +123,8 @@ def _check_decode_args(
     U: Sequence[Tensor],
     V: Sequence[Tensor],
     b_dec: Tensor | None,
-) -> None:
+) -> int:
+    """Checks the decode's arguments; returns T, the transform count of U and V."""
     if len(U) == 0 or len(U) != len(V):
         raise ValueError(
             f"U and V must be equal-length non-empty sequences, got {len(U)}, {len(V)}"
@@ -114,7 +143,10 @@ def _check_decode_args(
         n_transforms += n
     if b_dec is not None:
         check_tensor("b_dec", b_dec, (d_out,), x.device)
-    check_indices(x, gates, "gates", indices, n_transforms, "T")
+    check_indices(x, gates, "gates", indices, n_transforms, "T", distinct=True)
+    if gates.shape[-1] == 0:
+        raise ValueError("gates and indices must have k >= 1 slots per token, got k=0")
+    return n_transforms
 
 
 def lowrank_mixture(
@@ -134,6 +166,8 @@ def lowrank_mixture(
     """
     _check_decode_args(x, gates, indices, U, V, b_dec)
     backend = resolve_backend(backend, x.device)
+    if backend != "reference":
+        _refuse_forward_ad("lowrank_mixture", backend, (x, gates, b_dec, *U, *V))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g2 = gates.reshape(-1, gates.shape[-1])
@@ -168,7 +202,15 @@ def molt(
     norm_scale: Tensor | None = None,
 ) -> Tensor:
     """The whole MOLT layer: gate_topk then lowrank_mixture. x [..., d_in] -> y [..., d_out]."""
-    backend = resolve_backend(backend, x.device) if isinstance(x, Tensor) else backend
+    n_gate = _check_gate_args(
+        x, W_gate, b_gate, k, activation, log_threshold, bandwidth, norm_scale
+    )
+    n_decode = sum(v.shape[0] for v in V if isinstance(v, Tensor) and v.dim() == 3)
+    if n_gate != n_decode:
+        raise ValueError(
+            f"W_gate has {n_gate} rows but U and V hold {n_decode} transforms: they must match"
+        )
+    backend = resolve_backend(backend, x.device)
     gates, indices = gate_topk(
         x, W_gate, b_gate, k, activation, log_threshold, bandwidth, backend, norm_scale
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 CONFIG_FILE = "cfg.json"
@@ -28,8 +29,15 @@ def save_layer(
     return path
 
 
-def read_layer(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read (config dict, state dict) saved by :func:`save_layer`, checking the kind."""
+# safetensors dtype names a layer may be stored in; anything else (integers, bool, fp8) is refused.
+_STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                  "F64": torch.float64}
+
+
+def read_config(path: str | Path, kind: str) -> dict[str, Any]:
+    """The config dict of a directory written by :func:`save_layer`, after checking cfg.json's
+    structure (an object with kind, format_version and a config object) and that both files
+    exist. Nothing is allocated; the weights are not opened."""
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights_file):
@@ -37,29 +45,50 @@ def read_layer(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, t
             raise FileNotFoundError(f"{f} not found: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise ValueError(f"{cfg_file} has no 'config' entry")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_file} must hold a JSON object, got {type(meta).__name__}")
     if meta.get("kind") != kind:
         raise ValueError(f"{cfg_file} holds a {meta.get('kind')!r}, not a {kind!r}")
-    return meta["config"], load_file(str(weights_file))
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise ValueError(
+            f"{cfg_file}: format_version {version!r} is not supported (this molt_kernels reads "
+            f"format_version {FORMAT_VERSION})"
+        )
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_file}: 'config' must be a JSON object, got {config!r}")
+    return config
 
 
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``module``; any missing, unexpected or mis-shaped tensor is an error."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def check_weights_header(path: str | Path, expected: dict[str, torch.Size]) -> torch.dtype:
+    """Check model.safetensors' header against ``expected`` {name: shape} without reading any
+    tensor: the same names, those shapes, one floating dtype for all. Returns that dtype."""
+    weights_file = Path(path) / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            header = {n: (f.get_slice(n).get_dtype(), f.get_slice(n).get_shape()) for n in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {e}") from e
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: missing tensors {missing}, unexpected tensors {unexpected}")
-    for name, t in state.items():
-        if t.shape != own[name].shape:
+        raise ValueError(f"{weights_file}: missing tensors {missing}, unexpected {unexpected}")
+    dtypes = {dtype for dtype, _ in header.values()}
+    if not dtypes <= set(_STORED_DTYPES) or len(dtypes) > 1:
+        raise ValueError(
+            f"{weights_file}: tensors must share one floating dtype of {sorted(_STORED_DTYPES)}, "
+            f"got {sorted(dtypes)}"
+        )
+    for name, (_, shape) in header.items():
+        if list(shape) != list(expected[name]):
             raise ValueError(
-                f"{source}: tensor {name!r} has shape {list(t.shape)}, "
-                f"the config expects {list(own[name].shape)}"
+                f"{weights_file}: tensor {name!r} has shape {list(shape)}, "
+                f"the config expects {list(expected[name])}"
             )
-    module.load_state_dict(state)
+    return _STORED_DTYPES[dtypes.pop()] if dtypes else torch.float32
 
 
 class PretrainedLayer:
@@ -82,9 +111,12 @@ class PretrainedLayer:
         dtype: torch.dtype | None = None,
     ):
         """Load a layer written by :meth:`save_pretrained`, then move it to device / dtype."""
-        config, state = read_layer(path, cls.KIND)
+        cfg = cls.CONFIG.from_dict(read_config(path, cls.KIND))
+        # The expected tensors come from a layer on the meta device (nothing allocated), so a
+        # small cfg.json naming a huge layer fails here, before any memory is touched.
+        expected = {n: t.shape for n, t in cls(cfg, device="meta").state_dict().items()}
+        stored = check_weights_header(path, expected)
         # Built in the stored dtype, so that loading never rounds the weights.
-        stored = next(iter(state.values())).dtype if state else None
-        layer = cls(cls.CONFIG.from_dict(config), backend=backend, device="cpu", dtype=stored)
-        load_state_strict(layer, state, str(path))
+        layer = cls(cfg, backend=backend, device="cpu", dtype=stored)
+        layer.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
         return layer.to(device=device, dtype=dtype)

@@ -79,22 +79,24 @@ def k_pad_for(k: int) -> int:
 
 
 def fwd_config(k: int, x_dtype: torch.dtype) -> FwdConfig | None:
-    """Selection-kernel tiles for k and x's dtype; None when k needs the dense fallback."""
+    """Selection-kernel tiles for k and x's dtype; None when the dense fallback selects instead:
+    k beyond the register budget, or fp64 (a packed int64 key cannot hold a double and an id, and
+    ranking fp64 values rounded to fp32 breaks near-ties and values outside fp32's range)."""
     k_pad = k_pad_for(k)
-    if k_pad > MAX_K_PAD:
+    if k_pad > MAX_K_PAD or x_dtype == torch.float64:
         return None
     # The tile must hold K_PAD candidates. Its int64 keys, their top K_PAD and the running list
     # share the registers with the accumulator, so longer lists take fewer tokens per program;
-    # fp32 (ieee, no tensor cores) and fp64 dots hold more per thread, so they take 16 tokens.
+    # fp32 (ieee, no tensor cores) dots hold more per thread, so they take 16 tokens.
     # Every choice here compiles without spills on sm_80 and sm_90 (see gpu_report_builds).
     if x_dtype in HALF:
         block_n = 64 if k_pad <= 64 else (32 if k_pad == 128 else 16)
         block_t, num_warps = max(k_pad, 128), 8
     else:
         block_n = 16
-        block_t = max(k_pad, 64 if x_dtype == torch.float64 else 128)
+        block_t = max(k_pad, 128)
         num_warps = 8 if block_t > 128 else 4
-    # fp32 ("ieee") and fp64 dots run on the FMA units, so a deeper load pipeline buys little,
+    # fp32 ("ieee") dots run on the FMA units, so a deeper load pipeline buys little,
     # and its registers make ptxas spill.
     num_stages = 3 if x_dtype in HALF else 2
     return FwdConfig(block_n=block_n, block_t=block_t, block_d=_block_d(x_dtype), k_pad=k_pad,

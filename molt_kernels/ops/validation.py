@@ -3,6 +3,8 @@ argument and what was expected. The ops' internals trust their inputs once these
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,14 @@ def check_positive_int(name: str, value: object) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_positive_float(name: str, value: object) -> None:
+    """value is a finite real number > 0 (an int or float; not a bool, NaN or inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
 
 
 def check_k(k: object, n_transforms: int, units_name: str = "T") -> None:
@@ -63,11 +73,16 @@ def check_x(x: object, d_in: int) -> None:
 
 
 def check_indices(
-    x: Tensor, values: Tensor, values_name: str, indices: Tensor, n_units: int, units_name: str
+    x: Tensor, values: Tensor, values_name: str, indices: Tensor, n_units: int, units_name: str,
+    distinct: bool = False,
 ) -> None:
     """Check values [..., k] (floating) and indices [..., k] int64 beside x [..., d], ids in
-    [0, n_units). On CUDA, or while compiling, the range check is a device-side assert: a host
-    check would synchronise the hot path and break graphs."""
+    [0, n_units) and, with ``distinct``, no id twice within a row (the MOLT decode: its gates
+    are a selection, and summing a repeated transform, keeping one copy and per-bucket row
+    capacities would all disagree, so a repeat is rejected).
+
+    On the CPU outside torch.compile these are ValueErrors; on CUDA, or while compiling, they are
+    one device-side assert: a host check would synchronise the hot path and break graphs."""
     check_tensor(values_name, values, tuple(x.shape[:-1]) + (None,), x.device)
     if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
         raise TypeError(
@@ -81,9 +96,17 @@ def check_indices(
     if indices.numel() == 0:
         return
     in_range = (indices.min() >= 0) & (indices.max() < n_units)
-    message = f"indices must lie in [0, {units_name}={n_units})"
+    range_message = f"indices must lie in [0, {units_name}={n_units})"
+    unique = torch.ones((), dtype=torch.bool, device=indices.device)
+    if distinct:
+        ordered = indices.reshape(-1, indices.shape[-1]).sort(dim=-1).values
+        unique = (ordered[:, 1:] != ordered[:, :-1]).all()
+    distinct_message = "indices must hold distinct ids within each row (a repeated id was found)"
     if indices.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(in_range):
-            raise ValueError(message)
+            raise ValueError(range_message)
+        if not bool(unique):
+            raise ValueError(distinct_message)
     else:
-        torch._assert_async(in_range, message)
+        suffix = ", distinct within each row" if distinct else ""
+        torch._assert_async(in_range & unique, range_message + suffix)

@@ -83,6 +83,19 @@ def run(n_configs: int, seed: int, backends: list[str], dtypes: list[str], devic
     return 1 if failures else 0
 
 
+def _parse_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """The --device as a torch.device that exists here; otherwise a one-line usage error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device must be a torch device such as cpu or cuda:0, got {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m molt_kernels verify", description=__doc__)
     parser.add_argument("--configs", type=int, default=12, help="random configs to check")
@@ -91,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", help="comma list (default: every available non-reference)")
     parser.add_argument("--dtypes", default="float64,float32", help=f"comma list of {list(DTYPES)}")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    if args.configs < 1:
+        parser.error(f"--configs must be >= 1 (0 configs would check nothing), got {args.configs}")
+    device = _parse_device(parser, args.device)
     available = [b for b in available_backends(device) if b != "reference"]
     backends = args.backends.split(",") if args.backends else available
     unknown = [b for b in backends if b not in available]

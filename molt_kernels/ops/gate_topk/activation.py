@@ -23,12 +23,28 @@ def jumprelu_threshold_grad(
 
 
 class _JumpReLU(torch.autograd.Function):
+    # setup_context and an elementwise body: torch.func (jacrev, vmap, jvp) can transform it.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, pre: Tensor, log_threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(pre: Tensor, log_threshold: Tensor, bandwidth: float) -> Tensor:
+        theta = log_threshold.exp().to(pre.dtype)
+        return torch.where(pre > theta, pre, torch.zeros_like(pre))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pre, log_threshold, bandwidth = inputs
         theta = log_threshold.exp().to(pre.dtype)
         ctx.save_for_backward(pre, theta)
+        ctx.save_for_forward(pre, theta)
         ctx.bandwidth = bandwidth
-        return torch.where(pre > theta, pre, torch.zeros_like(pre))
+
+    @staticmethod
+    def jvp(ctx, pre_tangent: Tensor, _log_threshold_tangent, _bandwidth_tangent) -> Tensor:
+        # The exact derivative: the threshold's straight-through term is a backward-only
+        # estimator, and d out / d pre = H(pre - theta).
+        pre, theta = ctx.saved_tensors
+        return torch.where(pre > theta, pre_tangent, torch.zeros_like(pre_tangent))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..dtypes import accumulator_dtype
+from ..first_order import first_order_only
 from ..validation import check_gate_activation, check_k
 from .launch import _backward_dense, _backward_topk, _forward_dense, _forward_topk, _prepare
 
@@ -93,11 +94,14 @@ def _setup_dense(ctx, inputs, output) -> None:
 def _backward(ctx, dgates: Tensor, *_):
     x, W_gate, b_gate, log_threshold, gates, indices = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dW, db, dlog = _gate_backward_op(
-        dgates, gates, indices, x, W_gate, b_gate, log_threshold, ctx.activation,
-        ctx.bandwidth, need[0], any(need[1:4]),
-    )
+    with torch.no_grad():
+        dx, dW, db, dlog = _gate_backward_op(
+            dgates, gates, indices, x, W_gate, b_gate, log_threshold, ctx.activation,
+            ctx.bandwidth, need[0], any(need[1:4]),
+        )
     grads = [g if want else None for g, want in zip((dx, dW, db, dlog), need[:4])]
+    grads = first_order_only("gate_topk on the triton backend", grads,
+                             (x, W_gate, b_gate, log_threshold))
     return (*grads, *[None] * (len(need) - 4))
 
 

@@ -21,7 +21,6 @@ from .kernels import (
     _gate_bwd_dx_kernel,
     _gate_dense_fwd_kernel,
     _gate_pairs_bwd_kernel,
-    _gate_pairs_fwd_kernel,
     _gate_topk_fwd_kernel,
     _gate_topk_merge_kernel,
 )
@@ -60,6 +59,8 @@ def gpu_report_builds() -> list[KernelBuild]:
                 "BLOCK_D": "constexpr"}
         for k_pad in _report_k_pads():
             cfg = fwd_config(k_pad, x_dtype)
+            if cfg is None:  # fp64 selects on the dense activations
+                continue
             builds.append(KernelBuild(
                 name="gate_topk_fwd", config=f"{tag},{cfg.label}", fn=_gate_topk_fwd_kernel,
                 signature=tile | {"idx_ptr": "*i64", "part_ptr": "*i64", "K": "i32",
@@ -86,11 +87,6 @@ def gpu_report_builds() -> list[KernelBuild]:
         pair_consts = {"ACTIVATION": "jumprelu", "BLOCK_P": BWD.pair_block_p,
                        "BLOCK_D": BWD.pair_block_d}
         bwd_label = f"{tag},BP={BWD.pair_block_p},BD={BWD.pair_block_d},w{BWD.num_warps}"
-        if x_dtype == torch.float64:
-            builds.append(KernelBuild(
-                name="gate_pairs_fwd", config=bwd_label, fn=_gate_pairs_fwd_kernel,
-                signature=pairs, constexprs=pair_consts, num_warps=BWD.num_warps,
-            ))
         builds.append(KernelBuild(
             name="gate_pairs_bwd", config=bwd_label, fn=_gate_pairs_bwd_kernel,
             signature=pairs | {"dgates_ptr": f"*{acc}", "dpre_ptr": f"*{acc}",
@@ -136,7 +132,7 @@ def gpu_report_builds() -> list[KernelBuild]:
             constexprs={"THRESHOLD_GRAD": True, "BLOCK_D": BWD.dw_block_d},
             num_warps=BWD.num_warps,
         ))
-    for acc in ("fp32", "fp64"):
+    for acc in ("fp32",):  # the gates of the fused selection (fp64 selects densely)
         for k_pad in _report_k_pads():
             builds.append(KernelBuild(
                 name="gate_topk_merge",

@@ -10,8 +10,8 @@ value and then by lower id) and merges the tile's top K_PAD keys into its runnin
 list is kept ascending and the tile's top K_PAD descending, so their elementwise max is the top half
 of the union as a bitonic sequence and one bitonic merge re-sorts it. With few token blocks, T is
 split across programs that write partial lists, and a second kernel merges them (split-T).
-For fp64 inputs the keys hold the value rounded to fp32 (64 bits cannot hold a double and an id),
-and the selected gates are then recomputed exactly in fp64.
+fp64 inputs do not use the selection kernel (64 bits cannot hold a double and an id, and ranking
+values rounded to fp32 would break near-ties): their dense activations are ranked exactly instead.
 
 Backward. Gradients flow only through the N*k selected pairs: a pair kernel forms d pre (and the
 jumprelu threshold term, recomputing pre only where the gate is 0), dx gathers the selected W rows
@@ -164,23 +164,6 @@ def _pair_pre(x_ptr, w_ptr, b_ptr, tok, t, need, D, stride_xn, stride_wt,
 
 
 @triton.jit
-def _gate_pairs_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, theta_ptr, idx_ptr, gates_ptr, P, K, D, stride_xn, stride_wt,
-    ACTIVATION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """gates[p] = act(pre), recomputed in the gates' dtype, for the P = N*K selected pairs."""
-    p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = p < P
-    t = tl.load(idx_ptr + p, mask=valid, other=0)
-    pre = _pair_pre(x_ptr, w_ptr, b_ptr, p // K, t, valid, D, stride_xn, stride_wt,
-                    gates_ptr.dtype.element_ty, BLOCK_D)
-    theta = 0.0
-    if ACTIVATION == "jumprelu":
-        theta = tl.load(theta_ptr + t, mask=valid, other=0.0)
-    tl.store(gates_ptr + p, _activate(pre, theta, ACTIVATION), mask=valid)
-
-
-@triton.jit
 def _gate_pairs_bwd_kernel(
     x_ptr, w_ptr, b_ptr, theta_ptr, idx_ptr, gates_ptr, dgates_ptr, dpre_ptr, dthr_ptr,
     P, K, D, stride_xn, stride_wt, bandwidth,
@@ -194,7 +177,8 @@ def _gate_pairs_bwd_kernel(
     gate = tl.load(gates_ptr + p, mask=valid, other=0.0)
     dgate = tl.load(dgates_ptr + p, mask=valid, other=0.0)
     if ACTIVATION == "relu":
-        dpre = tl.where(gate > 0, dgate, 0.0)
+        # gate <= 0 rather than !(gate > 0): a NaN gate passes its gradient, as torch.relu's does.
+        dpre = tl.where(gate <= 0, 0.0, dgate)
     elif ACTIVATION == "jumprelu":
         t = tl.load(idx_ptr + p, mask=valid, other=0)
         theta = tl.load(theta_ptr + t, mask=valid, other=0.0)

@@ -24,7 +24,6 @@ from .kernels import (
     _gate_bwd_dx_kernel,
     _gate_dense_fwd_kernel,
     _gate_pairs_bwd_kernel,
-    _gate_pairs_fwd_kernel,
     _gate_topk_fwd_kernel,
     _gate_topk_merge_kernel,
 )
@@ -47,11 +46,12 @@ def _kernel_weight(W: Tensor, x_dtype: torch.dtype) -> Tensor:
 def _theta(
     activation: str, log_threshold: Tensor | None, acc: torch.dtype, placeholder: Tensor
 ) -> Tensor:
-    """theta = exp(log_threshold) in log_threshold's dtype, then cast: exactly the torch
-    backend's. Without jumprelu the kernels never read it and get ``placeholder``."""
+    """theta = exp(log_threshold) computed in the accumulation dtype (fp32, fp64 for fp64 x),
+    exactly the torch backend's. Without jumprelu the kernels never read it and get
+    ``placeholder``."""
     if activation != "jumprelu":
         return placeholder
-    return log_threshold.exp().to(acc).contiguous()
+    return log_threshold.to(acc).exp().contiguous()
 
 
 def _prepare(
@@ -92,7 +92,8 @@ def _forward_topk(
         return gates, indices
     cfg = fwd_config(k, x.dtype)
     if cfg is None:
-        # k beyond the register budget: materialise the activations and select with PyTorch.
+        # k beyond the register budget, or fp64 (exact ranking): materialise the activations and
+        # select with PyTorch.
         acts = _forward_dense(x, W, b, theta, activation)
         indices = topk_lowest_index(acts, k)
         return acts.gather(1, indices), indices
@@ -114,13 +115,6 @@ def _forward_topk(
         _gate_topk_merge_kernel[(triton.cdiv(n, MERGE_BLOCK_N),)](
             part, gates, indices, n, k, split, n * cfg.k_pad, BLOCK_N=MERGE_BLOCK_N,
             K_PAD=cfg.k_pad, num_warps=MERGE_NUM_WARPS,
-        )
-    if gates.dtype == torch.float64:
-        # The keys ranked fp32-rounded values; the gates themselves are recomputed in fp64.
-        _gate_pairs_fwd_kernel[(triton.cdiv(n * k, BWD.pair_block_p),)](
-            x, W, b, theta, indices, gates, n * k, k, d, x.stride(0), W.stride(0),
-            ACTIVATION=activation, BLOCK_P=BWD.pair_block_p, BLOCK_D=BWD.pair_block_d,
-            num_warps=BWD.num_warps,
         )
     return gates, indices
 
@@ -218,7 +212,7 @@ def _backward_dense(
     w = W.to(x.dtype).to(acc)  # the forward's products used W rounded to x's dtype
     dlog = None
     if activation == "relu":
-        dpre = torch.where(gates > 0, dgates, 0.0)
+        dpre = torch.where(gates <= 0, 0.0, dgates)  # NaN passes, as in torch.relu's backward
     elif activation == "jumprelu":
         pre = gates
         if threshold_grad:

@@ -7,24 +7,36 @@ in O(T) per token instead of sorting.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .activation import apply_activation
+from .linear import gate_logits
+
+
+def order_key(values: Tensor) -> Tensor:
+    """int64 keys [same shape] whose order is exactly the values' order, for any float dtype:
+    equal values (-0.0 and +0.0 included) get equal keys, and NaN ranks above +inf, as
+    ``torch.sort`` ranks it. Comparing fp64 values through int64 keeps ties exact on every device.
+    """
+    v = values.to(torch.float64)  # exact for every float dtype
+    bits = torch.where(v == 0, 0.0, v).view(torch.int64)
+    # Negative doubles order backwards as signed integers: flip their magnitude bits.
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    return torch.where(v.isnan(), torch.iinfo(torch.int64).max, key)
 
 
 def topk_lowest_index(values: Tensor, k: int) -> Tensor:
     """Indices [N, k] of the k largest values per row, ties to the lower index, in order.
 
     fp32 (the CPU gate's dtype): one top-k over packed (value, id) keys, a fixed handful of ops
-    per call. Otherwise one top-k decides every row whose k-th value is not tied with an
-    unselected element; only rows where a tie straddles the cut (e.g. relu zeros when fewer than
-    k are positive) take the exact, slower path. NaN counts as +inf, so a row with NaN still
-    yields k distinct indices (only that row changes).
+    per call. Other dtypes rank on ``order_key``: one top-k decides every row whose k-th value is
+    not tied with an unselected element; only rows where a tie straddles the cut (e.g. relu zeros
+    when fewer than k are positive) take the exact, slower path. Either way the tie rule holds
+    exactly and NaN ranks first, as in the reference's sort.
     """
-    key = torch.nan_to_num(values, nan=float("inf"))
-    if key.dtype == torch.float32 and key.shape[1] < _ID_BASE:
-        return _packed_keys(key).topk(k, dim=1).indices
+    if values.dtype == torch.float32 and values.shape[1] < _ID_BASE:
+        return _packed_keys(values).topk(k, dim=1).indices
+    key = order_key(values)
     top = key.topk(k, dim=1)
     straddling = (key >= top.values[:, -1:]).sum(dim=1) > k
     # Equal values inside the selection: ascending ids, then a stable sort by value.
@@ -44,7 +56,7 @@ _ID_BASE = 2**31 - 1
 
 
 def _packed_keys(values: Tensor) -> Tensor:
-    """int64 keys [N, T] of fp32 values without NaN: signed order = (value, then lower id).
+    """int64 keys [N, T] of fp32 values: signed order = (value, then lower id), NaN highest.
 
     One top-k over distinct keys then applies the tie rule to every row with a handful of
     elementwise ops and no data-dependent branch (the layout of ops/gate_topk/sort.py's keys).
@@ -52,6 +64,7 @@ def _packed_keys(values: Tensor) -> Tensor:
     bits = values.contiguous().view(torch.int32)
     bits = torch.where(values == 0, 0, bits)  # -0.0 and +0.0 are one value
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order-preserving for negatives
+    bits = torch.where(values.isnan(), 0x7FFFFFFF, bits)  # above +inf, as torch.sort ranks NaN
     ids = torch.arange(values.shape[1], device=values.device, dtype=torch.int64)
     return (bits.to(torch.int64) << 32) | (_ID_BASE - ids)
 
@@ -81,7 +94,7 @@ def gate_topk_torch(
     bandwidth: float,
 ) -> tuple[Tensor, Tensor]:
     """x [N, d_in] -> gates [N, k], indices [N, k] int64 (k=None: all T, in id order)."""
-    acts = apply_activation(F.linear(x, W_gate, b_gate), activation, log_threshold, bandwidth)
+    acts = apply_activation(gate_logits(x, W_gate, b_gate), activation, log_threshold, bandwidth)
     n, t = acts.shape
     if k is None:
         return acts, torch.arange(t, device=x.device).expand(n, t)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .activation import apply_activation
+from .linear import gate_logits
 
 
 def gate_topk_reference(
@@ -18,7 +19,7 @@ def gate_topk_reference(
     bandwidth: float,
 ) -> tuple[Tensor, Tensor]:
     """x [N, d_in] -> gates [N, k] (x's dtype), indices [N, k] int64; k=None keeps all T."""
-    acts = apply_activation(x @ W_gate.T + b_gate, activation, log_threshold, bandwidth)
+    acts = apply_activation(gate_logits(x, W_gate, b_gate), activation, log_threshold, bandwidth)
     n, t = acts.shape
     if k is None:
         return acts, torch.arange(t, device=x.device).expand(n, t)

@@ -1,6 +1,6 @@
 """Packed (value, transform id) keys and bitonic sorting networks on them, for the fused gate.
 
-A key is one int64: the order-preserving bits of the value (rounded to fp32) above, ``IDX_BASE - t``
+A key is one int64: the order-preserving bits of the fp32 value above, ``IDX_BASE - t``
 below, so one signed integer order ranks by value and then by the lower transform id.
 """
 

@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, empty_like, int64, library
+from torch import Tensor, empty_like, int64, library, no_grad
 from torch import dtype as DType
 from torch.autograd import Function
 
 from ..configs import plan
+from ..first_order import first_order_only
 from ..routing import Routing, region_starts, route_pairs
 from . import cpu
 from . import pytorch as torch_impl
@@ -48,17 +49,25 @@ class _Needs:
 
 
 def _gradients(
-    backward: BackwardFn, grad_y: Tensor, needs: _Needs, n_buckets: int
+    backward: BackwardFn, grad_y: Tensor, needs: _Needs, n_buckets: int, backend: str,
+    inputs: Sequence[Tensor],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, list, list]:
     """(dx, dgates, db, dU per bucket, dV per bucket), None where not needed.
 
-    ``backward(grad_y, (x, gates, U, V) flags)`` is the backend's primitive.
+    ``backward(grad_y, (x, gates, U, V) flags)`` is the backend's primitive; it is first-order
+    only, so under create_graph=True the gradients refuse a second backward (``inputs``: the
+    op's differentiable inputs, see ``first_order_only``).
     """
-    dx, dgates, dU, dV = backward(grad_y.contiguous(), (needs.x, needs.gates, needs.U, needs.V))
-    db = grad_y.sum(0) if needs.b_dec else None
+    with no_grad():
+        dx, dgates, dU, dV = backward(
+            grad_y.contiguous(), (needs.x, needs.gates, needs.U, needs.V)
+        )
+        db = grad_y.sum(0) if needs.b_dec else None
     dU = list(dU) if dU is not None else [None] * n_buckets
     dV = list(dV) if dV is not None else [None] * n_buckets
-    return dx, dgates, db, dU, dV
+    what = f"lowrank_mixture on the {backend} backend"
+    dx, dgates, db, *dUV = first_order_only(what, [dx, dgates, db, *dU, *dV], inputs)
+    return dx, dgates, db, dUV[:n_buckets], dUV[n_buckets:]
 
 
 class _SparseLowRankMixture(Function):
@@ -109,7 +118,9 @@ class _SparseLowRankMixture(Function):
                 return tuple(g if wanted else None for g, wanted in zip(grads, flags))
             return torch_impl.backward(gy, x, gates, ctx.routing, U, V, state, flags)
 
-        dx, dgates, db, dU, dV = _gradients(backward, grad_y, needs, nb)
+        dx, dgates, db, dU, dV = _gradients(
+            backward, grad_y, needs, nb, "torch", (x, gates, *U, *V)
+        )
         return (dx, dgates, None, db, None, *dU, *dV)
 
 
@@ -231,7 +242,9 @@ def _triton_backward(ctx, grad_y, *_aux_grads):
         )
         return tuple(g if need else None for g, need in zip(grads, flags))
 
-    dx, dgates, db, dU, dV = _gradients(backward, grad_y, ctx.needs, nb)
+    dx, dgates, db, dU, dV = _gradients(
+        backward, grad_y, ctx.needs, nb, "triton", (x, gates, *U, *V)
+    )
     return dx, dgates, None, dU, dV, db
 
 

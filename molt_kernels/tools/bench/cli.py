@@ -154,9 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = json.loads(args.render.read_text())
         except (OSError, json.JSONDecodeError) as e:
             parser.error(f"--render {args.render}: {e}")
+        try:
+            tables = render_report(report)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            parser.error(f"--render {args.render}: not a report written by bench --json "
+                         f"({type(e).__name__}: {e})")
     else:
         report = measure(parser, args, argv)
-    print(render_report(report))
+        tables = render_report(report)
+    print(tables)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
@@ -169,7 +175,11 @@ def device_and_dtype(
     parser: argparse.ArgumentParser, args: argparse.Namespace
 ) -> tuple[torch.device, torch.dtype]:
     """--device (default: cuda when present) and --dtype (bf16 on CUDA, fp32 on the CPU)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device must be a torch device such as cpu or cuda:0, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

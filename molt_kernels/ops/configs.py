@@ -129,6 +129,12 @@ class BwdConfig:
 
 BWD = BwdConfig()
 
+# Gate backward cost rule: with T <= DENSE_GATE_BACKWARD_RATIO * k the dense pair of GEMMs
+# dx = dpre W, dW = dpre^T x over a scattered [N, T] dpre does <= this many times the sparse
+# path's FLOPs, but on tensor cores (~15x the FMA rate of the gathers on H100) and in 4 ops
+# instead of a routing pass; beyond it the grouped sparse path (route + dW kernels) wins.
+DENSE_GATE_BACKWARD_RATIO = 16
+
 
 def split_count(n_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Programs per token block along T: enough to give every SM two programs."""

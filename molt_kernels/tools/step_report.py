@@ -37,12 +37,14 @@ class LaunchRecord:
 class StepCounts:
     launches: list[LaunchRecord] = field(default_factory=list)
     aten_ops: Counter = field(default_factory=Counter)
+    metadata_ops: Counter = field(default_factory=Counter)  # views and detach: no device work
     allocated_bytes: int = 0
     largest_bytes: int = 0
 
     @property
     def n_aten_ops(self) -> int:
-        return sum(self.aten_ops.values())
+        """Ops that allocate or compute (views and detach, metadata only, excluded)."""
+        return sum(self.aten_ops.values()) - sum(self.metadata_ops.values())
 
     @property
     def programs(self) -> int:
@@ -71,7 +73,10 @@ class _AtenCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.paused:
             return out
-        self.counts.aten_ops[str(func.overloadpacket.__name__)] += 1
+        name = str(func.overloadpacket.__name__)
+        self.counts.aten_ops[name] += 1
+        if func.is_view or name in ("detach", "detach_", "alias"):
+            self.counts.metadata_ops[name] += 1
         if not func.is_view:
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor) and t.device.type != "meta":
@@ -134,6 +139,8 @@ def run_step(
     layer = MOLT(cfg, backend="triton", dtype=dtype)
     x = torch.randn(n_tokens, d, dtype=dtype, requires_grad=True)
     layer(x).float().square().sum().backward()  # warm-up: per-shape tables are cached
+    layer.zero_grad()  # gradients set to None, as a training loop leaves them
+    x.grad = None
     with count_step() as counts:
         layer(x).float().square().sum().backward()
     return counts
@@ -146,7 +153,8 @@ def render_step(counts: StepCounts) -> str:
     lines.append(f"launches {len(counts.launches)}, programs {counts.programs}, "
                  f"working {counts.working}")
     top = ", ".join(f"{name} {c}" for name, c in counts.aten_ops.most_common())
-    lines.append(f"aten ops outside kernels {counts.n_aten_ops} ({top}, ...)")
+    lines.append(f"aten ops outside kernels {counts.n_aten_ops} computing or allocating + "
+                 f"{sum(counts.metadata_ops.values())} metadata-only (views, detach): {top}")
     lines.append(f"bytes allocated by those ops {counts.allocated_bytes / 2**20:.2f} MiB "
                  f"(largest {counts.largest_bytes / 2**20:.2f} MiB)")
     return "\n".join(lines)

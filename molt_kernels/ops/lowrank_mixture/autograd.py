@@ -195,6 +195,7 @@ def _setup_context(ctx, inputs, output) -> None:
     x, gates, _, U, V, b_dec = inputs
     _, h_pre, table = output
     ctx.mark_non_differentiable(h_pre, *table)
+    ctx.set_materialize_grads(False)  # no zero gradients built for h_pre and the table
     ctx.n_buckets, ctx.n_table = len(U), len(table)
     ctx.needs = _Needs(
         x.requires_grad,

@@ -13,9 +13,22 @@ from molt_kernels.tools.step_report import count_step, run_step  # noqa: E402
 
 # Ops that read device data back to the host or whose output shape depends on data: any of them
 # breaks CUDA-graph capture (the step must run them zero times).
-HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique",
-                 "_unique", "_unique2", "unique_consecutive", "bincount", "is_nonzero", "equal",
-                 "histc", "_assert_scalar", "tolist"}
+HOST_SYNC_OPS = {
+    "_local_scalar_dense",
+    "item",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "bincount",
+    "is_nonzero",
+    "equal",
+    "histc",
+    "_assert_scalar",
+    "tolist",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +44,9 @@ def test_step_launches_and_aten_ops(step_counts) -> None:
     assert 0 < len(step_counts.launches) <= 16
     # Ops that compute or allocate; views and autograd's detach launch nothing.
     assert step_counts.n_aten_ops <= 100, step_counts.aten_ops
-    lowrank = [r for r in step_counts.launches if r.kernel.startswith(("_shrink", "_expand",
-                                                                         "_xty"))]
+    lowrank = [
+        r for r in step_counts.launches if r.kernel.startswith(("_shrink", "_expand", "_xty"))
+    ]
     # Whatever the number of rank buckets (5 here): 2 launches forward, 4 backward.
     assert len(lowrank) == 6
 
@@ -69,8 +83,10 @@ def test_step_memory_flat_in_T_at_fixed_L0() -> None:
 
 def test_layout_bounds_do_not_scale_with_T_for_dense_gating() -> None:
     """k=None hands the decode [N, T] gates; its buffers are sized by N x 128 pairs, not N x T."""
-    lay = [configs.mixture_layout(4096, t, (512, 32), (t // 2, t // 2), 2304, torch.bfloat16)
-           for t in (1024, 16384)]
+    lay = [
+        configs.mixture_layout(4096, t, (512, 32), (t // 2, t // 2), 2304, torch.bfloat16)
+        for t in (1024, 16384)
+    ]
     assert lay[0].pair_capacity == lay[1].pair_capacity == 4096 * 128
     assert lay[1].h_size <= 1.01 * lay[0].h_size + 127 * 16384 * 272 * lay[1].n_ranges
 
@@ -104,3 +120,19 @@ def test_pair_capacity_overflow_is_caught() -> None:
     U, V = [torch.randn(t, 8, 4)], [torch.randn(t, 4, 8)]
     with pytest.raises(RuntimeError, match="pair capacity"):
         MF.lowrank_mixture(x, gates, indices, U, V, torch.zeros(8), backend="triton")
+
+
+def test_cost_model_cli_writes_modeled_figures(tmp_path, capsys) -> None:
+    from molt_kernels.tools import gpu_report
+
+    path = tmp_path / "cost.json"
+    argv = ["--cost", "--gpu", "a100", "--d", "512", "--n", "2", "--k", "0", "--l0", "16",
+            "--tokens", "2048", "--json", str(path)]
+    assert gpu_report.main(argv) == 0
+    assert "MODELED" in capsys.readouterr().out
+    import json
+
+    cost = json.loads(path.read_text())
+    assert cost["config"]["k"] is None and cost["config"]["l0"] == 16
+    assert all(k["flops"] > 0 and k["seconds"] > 0 for k in cost["kernels"])
+    assert 0 < cost["modeled_fraction_of_dense_rate"] < 1

@@ -150,11 +150,16 @@ def render_step(counts: StepCounts) -> str:
     lines = [f"{'kernel':<32} {'grid':>16} {'programs':>9} {'working':>8}"]
     for r in counts.launches:
         lines.append(f"{r.kernel:<32} {str(r.grid):>16} {r.programs:>9} {r.working:>8}")
-    lines.append(f"launches {len(counts.launches)}, programs {counts.programs}, "
-                 f"working {counts.working}")
+    lines.append(
+        f"launches {len(counts.launches)}, programs {counts.programs}, working {counts.working}"
+    )
     top = ", ".join(f"{name} {c}" for name, c in counts.aten_ops.most_common())
-    lines.append(f"aten ops outside kernels {counts.n_aten_ops} computing or allocating + "
-                 f"{sum(counts.metadata_ops.values())} metadata-only (views, detach): {top}")
-    lines.append(f"bytes allocated by those ops {counts.allocated_bytes / 2**20:.2f} MiB "
-                 f"(largest {counts.largest_bytes / 2**20:.2f} MiB)")
+    lines.append(
+        f"aten ops outside kernels {counts.n_aten_ops} computing or allocating + "
+        f"{sum(counts.metadata_ops.values())} metadata-only (views, detach): {top}"
+    )
+    lines.append(
+        f"bytes allocated by those ops {counts.allocated_bytes / 2**20:.2f} MiB "
+        f"(largest {counts.largest_bytes / 2**20:.2f} MiB)"
+    )
     return "\n".join(lines)

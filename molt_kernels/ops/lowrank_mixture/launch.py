@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..configs import MixtureConfig, MixtureLayout, plan
-from ..dtypes import HALF, accumulator_dtype
+from ..dtypes import accumulator_dtype
 from ..runtime import triton_interpreting
 from .kernels import INFO, _expand_kernel, _shrink_kernel, _xty_kernel
 

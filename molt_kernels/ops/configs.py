@@ -168,7 +168,7 @@ TARGET_PROGRAMS, RANGE_MIN_TOKENS, MAX_RANGES = 264, 256, 64
 MAX_MEAN_PAIRS_PER_TOKEN = 128
 # Weight tensors one launch reads (one kernel argument each).
 MAX_BUCKETS = 8
-WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 64 << 10
+WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
 MAX_STAGES = {"half": 3, "full": 2}
 # Pipeline stages fit in this much shared memory (sm_80 allows 163 KiB per block).
 STAGE_BYTES = 128 << 10
@@ -273,7 +273,9 @@ def mixture_config(
                        BLOCK_M=m, BLOCK_R=tile_r, BLOCK_K=bk)
 
     def expand(n: int) -> Launch:
-        bn = _pow2_tile(n, wide)
+        # The combine's read-modify-write holds a second [BLOCK_M, BLOCK_N] tile: 128 x 128
+        # spills on sm_80 and sm_90, so 128-row blocks take half-width tiles.
+        bn = _pow2_tile(n, wide if m < MAX_BLOCK_M else wide // 2)
         return _launch(kind, (m, bn), acc, (m * tile_r + tile_r * bn) * elem,
                        BLOCK_M=m, BLOCK_N=bn, BLOCK_K=tile_r)
 

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 # Columns of a binfo row.
-INFO = 4
+INFO_COLUMNS = 4
+INFO = tl.constexpr(INFO_COLUMNS)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..configs import MixtureConfig, MixtureLayout, plan
 from ..dtypes import accumulator_dtype
 from ..runtime import triton_interpreting
-from .kernels import INFO, _expand_kernel, _shrink_kernel, _xty_kernel
+from .kernels import INFO_COLUMNS, _expand_kernel, _shrink_kernel, _xty_kernel
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -78,7 +78,7 @@ def launch_kernel(kernel: triton.JITFunction, grid: tuple[int, ...], launch, *ar
 def _bucket_tables(
     ranks: tuple[int, ...], counts: tuple[int, ...], block_q: int, device: torch.device
 ) -> tuple[Tensor, Tensor, int]:
-    """(binfo [B, INFO], rank of each transform [T], X^T Y items), built once per shape so a
+    """(binfo [B, INFO_COLUMNS], rank of each transform [T], X^T Y items), built once per shape so a
     step makes no host-to-device copy (and can be captured in a CUDA graph after a warm-up).
 
     binfo row b: first transform, rank, first X^T Y item, rank rows (sum n r) before b.
@@ -87,7 +87,7 @@ def _bucket_tables(
     for r, n in zip(ranks, counts):
         rows.append([t0, r, item, rank_rows])
         t0, item, rank_rows = t0 + n, item + n * triton.cdiv(r, block_q), rank_rows + n * r
-    binfo = torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(ranks), INFO)
+    binfo = torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(ranks), INFO_COLUMNS)
     rank_of_t = torch.repeat_interleave(
         torch.tensor(ranks, dtype=torch.int64, device=device),
         torch.tensor(counts, device=device), output_size=t0)

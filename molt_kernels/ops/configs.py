@@ -169,7 +169,9 @@ MAX_MEAN_PAIRS_PER_TOKEN = 128
 # Weight tensors one launch reads (one kernel argument each).
 MAX_BUCKETS = 8
 WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
-MAX_STAGES = {"half": 3, "full": 2}
+# fp32 (ieee, FMA) and fp64 take one stage: the fp32 backward shrink at BLOCK_M=32 spills with
+# two on sm_80, and a load pipeline buys little on the FMA path.
+MAX_STAGES = {"half": 3, "full": 1}
 # Pipeline stages fit in this much shared memory (sm_80 allows 163 KiB per block).
 STAGE_BYTES = 128 << 10
 
@@ -224,9 +226,10 @@ def _pow2_tile(size: int, cap: int) -> int:
 
 
 def _launch(
-    kind: str, acc_shape: tuple[int, int], acc_bytes: int, stage_bytes: int, **tiles: int
+    kind: str, acc_shape: tuple[int, int], acc_bytes: int, stage_bytes: int, big: bool = False,
+    **tiles: int,
 ) -> Launch:
-    big = kind == "full" or acc_shape[0] * acc_shape[1] * acc_bytes >= BIG_ACCUMULATOR_BYTES
+    big = big or kind == "full" or acc_shape[0] * acc_shape[1] * acc_bytes >= BIG_ACCUMULATOR_BYTES
     warps = BIG_WARPS if big else WARPS
     return Launch(tiles, warps, max(1, min(MAX_STAGES[kind], STAGE_BYTES // stage_bytes)))
 
@@ -276,7 +279,9 @@ def mixture_config(
         # The combine's read-modify-write holds a second [BLOCK_M, BLOCK_N] tile: 128 x 128
         # spills on sm_80 and sm_90, so 128-row blocks take half-width tiles.
         bn = _pow2_tile(n, wide if m < MAX_BLOCK_M else wide // 2)
-        return _launch(kind, (m, bn), acc, (m * tile_r + tile_r * bn) * elem,
+        # The combine also holds the read-modify-write tile and the gated h tile: 8 warps
+        # (4 spill on sm_80 and sm_90 at BLOCK_M 16 and 32).
+        return _launch(kind, (m, bn), acc, (m * tile_r + tile_r * bn) * elem, big=True,
                        BLOCK_M=m, BLOCK_N=bn, BLOCK_K=tile_r)
 
     def xty(p: int) -> Launch:

@@ -10,7 +10,6 @@ buffer the kernels fill starts as NaN, so an element they fail to write shows up
 import importlib.util  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -31,29 +30,6 @@ TOLERANCE = {
     torch.bfloat16: 2e-2,
 }
 ZERO_GATES = 0.1  # fraction of pairs with gate 0: dropped by the routing, zero gradient
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_bf16_dot():
-    """The interpreter keeps bf16 as uint16 bit patterns and its tl.dot multiplies the patterns
-    (triton-lang/triton#11584, unsupported upstream). Widen bf16 operands to fp32 first: exactly
-    what a bf16 tensor-core dot with fp32 accumulation computes."""
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        bits = handle.data.astype(np.uint32) << 16
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, acc, *args):
-        return original(self, widen(a), widen(b), acc, *args)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-        yield
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +119,7 @@ NAMES = ["y", "dx", "dgates", "db_dec"]
 CASES = {
     "uniform": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 4, "uniform"),
     "zipf": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 4, "zipf"),
-    # 300 pairs on one transform: split into partial sums reduced in order.
+    # 300 pairs on one transform: each of its (rank tile, width tile) programs walks all rows.
     "all_to_one": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 3, "all_to_one"),
     "empty_transforms": Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 4, "empty_transforms"),
     "tokens0": Case({32: 4, 48: 3}, 16, 24, 0, 2, "uniform"),
@@ -208,10 +184,8 @@ def test_torch_compile_traces_the_op() -> None:
 def test_op_registration() -> None:
     inputs = make_inputs(CASES["tokens7"], torch.float32)
     args = tuple(inputs[n] for n in ("x", "gates", "indices", "U", "V", "b_dec"))
-    torch.library.opcheck(
-        lowrank_mixture_triton, args,
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    # Every opcheck test, test_aot_dispatch_dynamic included: the outputs are fully defined.
+    torch.library.opcheck(lowrank_mixture_triton, args)
 
 
 @pytest.mark.skipif(
@@ -234,58 +208,35 @@ def test_module_on_triton_backend() -> None:
         assert rel_err(a, r) < TOLERANCE[torch.float64]
 
 
-@pytest.mark.parametrize("splits", [0, 1, 5, 64])
-def test_split_chunks_cover_every_block_once(splits: int) -> None:
-    counts = torch.tensor([0, 3000, 7, 0, 600, 1])
-    block_m = 16
-    chunk, split = triton_impl.split_chunks(counts, block_m, splits)
-    blocks = (counts + block_m - 1) // block_m
-    first = torch.cumsum(blocks, 0) - blocks
-    live = chunk[chunk[:, 0] >= 0]
-    for t in range(len(counts)):
-        mine = live[live[:, 0] == t]
-        assert len(mine) >= 1  # empty transforms too: they write their zero gradient
-        ranges = [range(lo, hi) for _, lo, hi, _ in mine.tolist()]
-        assert [b for r in ranges for b in r] == list(range(first[t], first[t] + blocks[t]))
-        slots = mine[:, 3].tolist()
-        assert slots == [-1] if len(mine) == 1 else slots == list(range(slots[0], slots[-1] + 1))
-    used = live[:, 3][live[:, 3] >= 0]
-    assert len(used) <= splits and len(set(used.tolist())) == len(used)
-    assert (len(used) > 0) == (splits >= 2)  # the hot transform splits whenever it may
-    split_rows = split[split[:, 0] >= 0].tolist()
-    assert sum(n for _, _, n in split_rows) == len(used)
-
-
 # -- configs and GPU builds ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("rank", [1, 32, 48, 512])
-@pytest.mark.parametrize("rows", [0.0, 3.0, 1e6])
-def test_bucket_config_is_valid(rank: int, dtype: torch.dtype, rows: float) -> None:
-    cfg = configs.bucket_config(rank, 2304, 7, dtype, rows)
-    assert configs.MIN_TILE <= cfg.block_m <= configs.MAX_BLOCK_M
+@pytest.mark.parametrize("n_tokens", [0, 3, 300, 100_000])
+@pytest.mark.parametrize("ranks", [(1,), (32, 48, 512)])
+def test_mixture_config_is_valid(ranks: tuple, n_tokens: int, dtype: torch.dtype) -> None:
+    cfg = configs.mixture_config(n_tokens, 8, ranks, [3] * len(ranks), 2304, 7, dtype)
+    lay = cfg.layout
+    assert configs.MIN_TILE <= lay.block_m <= configs.MAX_BLOCK_M
+    assert lay.n_ranges * lay.range_tokens >= n_tokens
     for launch in (cfg.shrink_fwd, cfg.expand_fwd, cfg.shrink_bwd, cfg.expand_bwd,
                    cfg.grad_u, cfg.grad_v):
         assert all(t >= configs.MIN_TILE for t in launch.tiles.values())
-        assert launch.tiles["BLOCK_M"] == cfg.block_m
+        assert launch.tiles["BLOCK_M"] == lay.block_m
         assert launch.num_stages >= 1
-    assert cfg.block_m % cfg.grad_u.tiles["BLOCK_K"] == 0
+    assert lay.block_m % cfg.grad_u.tiles["BLOCK_K"] == 0
 
 
-def test_block_m_follows_rows_per_transform() -> None:
-    sizes = [configs.bucket_config(512, 2304, 2304, torch.bfloat16, rows).block_m
-             for rows in (1, 64, 1e5)]
+def test_block_m_follows_rows_per_segment() -> None:
+    sizes = [configs.mixture_layout(n, 32, (512, 32), (16, 256), 2304, torch.bfloat16).block_m
+             for n in (64, 4096, 1 << 20)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    low = configs.bucket_config(32, 2304, 2304, torch.bfloat16, 1e5).block_m
-    assert low < sizes[-1]
 
 
 def test_gpu_report_builds_cover_every_kernel() -> None:
     builds = lowrank_builds.gpu_report_builds()
     names = {b.name for b in builds}
-    assert names == {"lowrank_shrink", "lowrank_expand", "lowrank_xty", "lowrank_partial_sum",
-                     "lowrank_slot_sum"}
+    assert names == {"lowrank_shrink", "lowrank_expand", "lowrank_xty"}
     for build in builds:
         assert list(build.signature) == build.fn.arg_names
 
@@ -297,7 +248,8 @@ def test_biggest_tile_compiles_to_wgmma_without_spills() -> None:
     big = next(
         b
         for b in lowrank_builds.gpu_report_builds()
-        if b.name == "lowrank_shrink" and b.config.startswith("bf16,R=512,BACKWARD=1,BLOCK_M=128")
+        if b.name == "lowrank_shrink" and b.config.startswith("bf16,BACKWARD=1")
+        and "BLOCK_M=128" in b.config
     )
     (row,) = compile_builds([big], ["sm_90"], jobs=1)
     assert check_limits(row) == [] and row.wgmma

@@ -131,6 +131,12 @@ class BwdConfig:
 
 BWD = BwdConfig()
 
+# Gate backward cost rule: with T <= DENSE_GATE_BACKWARD_RATIO * k the dense pair of GEMMs
+# dx = dpre W, dW = dpre^T x over a scattered [N, T] dpre does <= this many times the sparse
+# path's FLOPs, but on tensor cores (~15x the FMA rate of the gathers on H100) and in 4 ops
+# instead of a routing pass; beyond it the grouped sparse path (route + dW kernels) wins.
+DENSE_GATE_BACKWARD_RATIO = 16
+
 
 def split_count(n_blocks: int, n_tiles: int, device: torch.device) -> int:
     """Programs per token block along T: enough to give every SM two programs."""
@@ -141,33 +147,35 @@ def split_count(n_blocks: int, n_tiles: int, device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# lowrank_mixture: grouped shrink / expand / X^T Y by rank bucket
+# lowrank_mixture: one grouped launch per phase over routing's block table
 
 # tl.dot needs every dimension >= 16.
 MIN_TILE = 16
-# Largest output tile side and K step: tensor-core dtypes take 128-wide tiles (wgmma works per
-# 64-row warpgroup); fp32 (ieee, FMA) and fp64 stop at 64, with K steps of 16 because their dot
-# holds both operands' K slices in registers.
+# Output tile side (width) and rank tile: tensor-core dtypes take 128-wide width tiles (wgmma
+# works per 64-row warpgroup) and 64-wide rank tiles; fp32 (ieee, FMA) and fp64 stop at 64 and
+# 32 because their dots hold both operands' K slices in registers. The rank is a runtime loop
+# bound over these tiles, so every bucket runs in the same launch.
 WIDE_TILE = {"half": 128, "full": 64}
+RANK_TILE = {"half": 64, "full": 32}
 DEEP_TILE = {"half": 64, "full": 16}
-# A block holds about half the expected rows of a transform, so padding stays under ~1/4 of the
-# rows; ranks under 128 are bandwidth-bound at any BLOCK_M, so they stop at 64 rows.
-MAX_BLOCK_M_LOW_RANK, MAX_BLOCK_M, LOW_RANK = 64, 128, 128
-# Warps and pipeline depth. Tensor-core tiles get 8 warps once their fp32 accumulator reaches
-# 64 KiB (64 registers per thread). The FMA (fp32 ieee) and DMMA (fp64) paths also hold their
-# operands' K slices in registers: they always get 8 warps and 2 stages, the one choice of
-# {4, 8} warps x {2, 3} stages that left every config spill-free on sm_80 and sm_90.
-WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 64 << 10
-MAX_STAGES = {"half": 3, "full": 2}
+# A block holds about half the expected rows of a segment (transform x token range), so padding
+# stays under ~1/4 of the rows.
+MAX_BLOCK_M = 128
+# Token ranges of the combine: enough (range, width tile) programs to fill a GPU twice, each
+# range at least RANGE_MIN_TOKENS tokens so its segments keep rows to fill a block.
+TARGET_PROGRAMS, RANGE_MIN_TOKENS, MAX_RANGES = 264, 256, 64
+# Pairs routed per token at most, when a token offers more slots than this (k=None, the dense
+# gate: [tokens, T] gates): buffers are sized by tokens x this bound, not tokens x T, and a
+# device-side assert fires if a step activates more pairs than tokens x this bound.
+MAX_MEAN_PAIRS_PER_TOKEN = 128
+# Weight tensors one launch reads (one kernel argument each).
+MAX_BUCKETS = 8
+WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
+# fp32 (ieee, FMA) and fp64 take one stage: the fp32 backward shrink at BLOCK_M=32 spills with
+# two on sm_80, and a load pipeline buys little on the FMA path.
+MAX_STAGES = {"half": 3, "full": 1}
 # Pipeline stages fit in this much shared memory (sm_80 allows 163 KiB per block).
 STAGE_BYTES = 128 << 10
-# Hot transforms: their rows split into chunks of >= MIN_CHUNK_ROWS, with at most this many
-# partial sums per bucket (and their accumulator-dtype buffer under PARTIAL_BYTES), allotted by
-# pair count.
-MIN_CHUNK_ROWS, MAX_SPLITS, PARTIAL_BYTES = 256, 64, 64 << 20
-# Elementwise kernels (slot sums, partial sums): tile sizes; WARPS warps, no pipelining.
-SLOT_SUM_TOKENS, SLOT_SUM_WIDTH, PARTIAL_SUM_BLOCK = 8, 256, 1024
-
 
 
 @dataclass(frozen=True)
@@ -180,18 +188,39 @@ class Launch:
 
 
 @dataclass(frozen=True)
-class BucketConfig:
-    """Launch configs of one rank bucket. Widths: shrink K, expand N, X^T Y output P."""
+class MixtureLayout:
+    """Shape-only sizes of the decode's routing and rank-space buffers (the fake kernel, the
+    launch code and the cost model agree on them).
+
+    pair_capacity: pairs routed at most (tokens x min(slots, MAX_MEAN_PAIRS_PER_TOKEN));
+    n_blocks: block-table length, pair_capacity // BLOCK_M + min(segments, pair_capacity);
+    h_size: elements of h_pre (and g dH): min(n_blocks * BLOCK_M * r_max,
+    pair_capacity * r_max + (BLOCK_M - 1) * n_ranges * sum of all ranks).
+    """
 
     block_m: int
+    n_ranges: int
+    range_tokens: int
+    pair_capacity: int
+    n_blocks: int
+    h_size: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_blocks * self.block_m
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """Launch configs of the decode's kernels. Widths: shrink K, expand N, X^T Y output P."""
+
+    layout: MixtureLayout
     shrink_fwd: Launch  # K = d_in
     expand_fwd: Launch  # N = d_out
     shrink_bwd: Launch  # K = d_out
     expand_bwd: Launch  # N = d_in
     grad_u: Launch  # P = d_out
     grad_v: Launch  # P = d_in
-    splits_u: int  # partial-sum slots for hot transforms of dU, dV
-    splits_v: int
 
 
 def _pow2_tile(size: int, cap: int) -> int:
@@ -199,27 +228,49 @@ def _pow2_tile(size: int, cap: int) -> int:
 
 
 def _launch(
-    kind: str, acc_shape: tuple[int, int], acc_bytes: int, stage_bytes: int, **tiles: int
+    kind: str, acc_shape: tuple[int, int], acc_bytes: int, stage_bytes: int, big: bool = False,
+    **tiles: int,
 ) -> Launch:
-    big = kind == "full" or acc_shape[0] * acc_shape[1] * acc_bytes >= BIG_ACCUMULATOR_BYTES
+    big = big or kind == "full" or acc_shape[0] * acc_shape[1] * acc_bytes >= BIG_ACCUMULATOR_BYTES
     warps = BIG_WARPS if big else WARPS
     return Launch(tiles, warps, max(1, min(MAX_STAGES[kind], STAGE_BYTES // stage_bytes)))
 
 
-def bucket_config(
-    rank: int, d_in: int, d_out: int, dtype: torch.dtype, rows_per_transform: float
-) -> BucketConfig:
-    """Every launch parameter of one bucket, from its rank, the widths, the input dtype and the
-    expected pairs per transform."""
+def mixture_layout(
+    n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_out: int,
+    dtype: torch.dtype,
+) -> MixtureLayout:
+    """Block size, token ranges and buffer bounds from shapes only."""
+    n_transforms = sum(counts)
     kind = "half" if dtype in HALF else "full"
+    pair_capacity = n_tokens * min(n_slots, n_transforms, MAX_MEAN_PAIRS_PER_TOKEN)
+    width_tiles = max(1, -(-d_out // _pow2_tile(d_out, WIDE_TILE[kind])))
+    n_ranges = max(1, min(MAX_RANGES, -(-TARGET_PROGRAMS // width_tiles),
+                          n_tokens // RANGE_MIN_TOKENS))
+    range_tokens = max(1, -(-n_tokens // n_ranges))
+    segments = n_transforms * n_ranges
+    rows_per_segment = pair_capacity / max(segments, 1)
+    m = 1 << max(0, int(math.floor(math.log2(max(rows_per_segment / 2, 1.0)))))
+    m = min(MAX_BLOCK_M, max(MIN_TILE, m))
+    n_blocks = pair_capacity // m + min(segments, pair_capacity)
+    r_max = max(ranks)
+    rank_sum = sum(r * c for r, c in zip(ranks, counts))
+    h_size = min(n_blocks * m * r_max, pair_capacity * r_max + (m - 1) * n_ranges * rank_sum)
+    return MixtureLayout(m, n_ranges, range_tokens, pair_capacity, n_blocks, h_size)
+
+
+def mixture_config(
+    n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_in: int,
+    d_out: int, dtype: torch.dtype,
+) -> MixtureConfig:
+    """Every launch parameter of the decode, from shapes and the input dtype."""
+    kind = "half" if dtype in HALF else "full"
+    layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype)
+    m = layout.block_m
     wide, deep = WIDE_TILE[kind], DEEP_TILE[kind]
     elem = torch.empty((), dtype=dtype).element_size()
     acc = torch.empty((), dtype=accumulator_dtype(dtype)).element_size()
-    m_cap = MAX_BLOCK_M if rank >= LOW_RANK else MAX_BLOCK_M_LOW_RANK
-    m = 1 << max(0, int(math.floor(math.log2(max(rows_per_transform / 2, 1.0)))))
-    m = min(m_cap, max(MIN_TILE, m))
-    tile_r = _pow2_tile(rank, wide)
-    step_r = _pow2_tile(rank, deep)
+    tile_r = _pow2_tile(max(ranks), RANK_TILE[kind])
 
     def shrink(k: int) -> Launch:
         bk = _pow2_tile(k, deep)
@@ -227,37 +278,30 @@ def bucket_config(
                        BLOCK_M=m, BLOCK_R=tile_r, BLOCK_K=bk)
 
     def expand(n: int) -> Launch:
-        bn = _pow2_tile(n, wide)
-        return _launch(kind, (m, bn), acc, (m * step_r + step_r * bn) * elem,
-                       BLOCK_M=m, BLOCK_N=bn, BLOCK_K=step_r)
+        # The combine's read-modify-write holds a second [BLOCK_M, BLOCK_N] tile: 128 x 128
+        # spills on sm_80 and sm_90, so 128-row blocks take half-width tiles.
+        bn = _pow2_tile(n, wide if m < MAX_BLOCK_M else wide // 2)
+        # The combine also holds the read-modify-write tile and the gated h tile: 8 warps
+        # (4 spill on sm_80 and sm_90 at BLOCK_M 16 and 32).
+        return _launch(kind, (m, bn), acc, (m * tile_r + tile_r * bn) * elem, big=True,
+                       BLOCK_M=m, BLOCK_N=bn, BLOCK_K=tile_r)
 
     def xty(p: int) -> Launch:
         bp, step = _pow2_tile(p, wide), min(m, deep)
         return _launch(kind, (bp, tile_r), acc, (bp * step + step * tile_r) * elem,
                        BLOCK_M=m, BLOCK_P=bp, BLOCK_Q=tile_r, BLOCK_K=step)
 
-    def splits(p: int) -> int:
-        return min(MAX_SPLITS, PARTIAL_BYTES // (p * rank * acc))
-
-    return BucketConfig(
-        block_m=m,
-        shrink_fwd=shrink(d_in),
-        expand_fwd=expand(d_out),
-        shrink_bwd=shrink(d_out),
-        expand_bwd=expand(d_in),
-        grad_u=xty(d_out),
-        grad_v=xty(d_in),
-        splits_u=splits(d_out),
-        splits_v=splits(d_in),
-    )
+    return MixtureConfig(layout, shrink(d_in), expand(d_out), shrink(d_out), expand(d_in),
+                         xty(d_out), xty(d_in))
 
 
 def plan(
     n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: torch.dtype
-) -> list[BucketConfig]:
-    """BucketConfig per bucket, from shapes only (so the fake kernel and backward agree)."""
-    n_transforms = sum(v.shape[0] for v in V)
-    # Uniform routing spreads n_tokens * min(k, T) pairs evenly over the transforms.
-    rows = n_tokens * min(n_slots, n_transforms) / max(n_transforms, 1)
-    d_in, d_out = V[0].shape[2], U[0].shape[1]
-    return [bucket_config(v.shape[1], d_in, d_out, dtype, rows) for v in V]
+) -> MixtureConfig:
+    """The decode's MixtureConfig for these weights (shapes only)."""
+    if len(V) > MAX_BUCKETS:
+        raise ValueError(f"the triton decode takes at most {MAX_BUCKETS} rank buckets, "
+                         f"got {len(V)}")
+    ranks = [v.shape[1] for v in V]
+    counts = [v.shape[0] for v in V]
+    return mixture_config(n_tokens, n_slots, ranks, counts, V[0].shape[2], U[0].shape[1], dtype)

@@ -214,7 +214,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the rows here")
     parser.add_argument("--jobs", type=int, default=None,
                         help="parallel compiles (default: number of CPUs)")
+    step = parser.add_argument_group(
+        "--step", "count one forward+backward step of MOLT(d, paper ranks for N, k) on the "
+        "triton backend under the interpreter: launches, working programs, aten ops, bytes")
+    step.add_argument("--step", action="store_true", help="print the step counts and exit")
+    step.add_argument("--d", type=int, default=256, help="width (default 256)")
+    step.add_argument("--n", type=int, default=2, help="paper-allocation N (default 2)")
+    step.add_argument("--k", type=int, default=8, help="top-k; 0 for k=None (default 8)")
+    step.add_argument("--tokens", type=int, default=1024, help="tokens (default 1024)")
+    step.add_argument("--cost", action="store_true",
+                      help="print the roofline cost model of the step (bf16, modeled) and exit")
+    step.add_argument("--gpu", choices=("h100", "h200", "a100"), default="h100")
+    step.add_argument("--l0", type=float, default=32.0, help="active pairs per token for k=None")
     args = parser.parse_args(argv)
+    if args.step:
+        return _step(args)
+    if args.cost:
+        from .cost_model import render_cost, step_cost
+
+        cost = step_cost(args.d, args.n, args.k or None, args.tokens, args.l0, args.gpu)
+        print(render_cost(cost))
+        if args.json is not None:
+            args.json.write_text(json.dumps(cost, indent=2))
+        return 0
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in SHARED_MEM_LIMITS]
     if unknown or not archs:
@@ -243,6 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"\n{len(rows)} builds checked, {len(failed)} with problems")
     return 1 if failed else 0
+
+
+def _step(args: argparse.Namespace) -> int:
+    # The interpreter must be chosen before triton binds its language to a backend.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .step_report import render_step, run_step
+
+    for name in ("d", "n", "tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"gpu-report: --{name} must be >= 1")
+    counts = run_step(args.d, args.n, args.k or None, args.tokens)
+    k = args.k or "None"
+    print(f"one forward+backward step, d={args.d}, N={args.n}, k={k}, {args.tokens} tokens, fp32, "
+          "triton backend under TRITON_INTERPRET=1 (after one warm-up step)")
+    print(render_step(counts))
+    return 0
 
 
 _worker_builds: Sequence[KernelBuild] = ()

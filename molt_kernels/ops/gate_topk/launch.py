@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..configs import (
     BWD,
+    DENSE_GATE_BACKWARD_RATIO,
     MERGE_BLOCK_N,
     MERGE_NUM_WARPS,
     dense_config,
@@ -140,6 +141,9 @@ def _backward_topk(
             W.stride(0), bandwidth, ACTIVATION=activation, THRESHOLD_GRAD=threshold_grad,
             BLOCK_P=BWD.pair_block_p, BLOCK_D=BWD.pair_block_d, num_warps=BWD.num_warps,
         )
+    if n_t <= DENSE_GATE_BACKWARD_RATIO * k:
+        return _backward_scattered(dpre, dthr, indices, x, W, need_dx, need_params,
+                                   threshold_grad)
     dx = None
     if need_dx:
         dx = torch.empty(n, d, dtype=x.dtype, device=device)
@@ -157,6 +161,28 @@ def _backward_topk(
     if n_pairs:
         _reduce_by_transform(x, dpre, dthr, indices, dW, db, dlog, threshold_grad)
     return dx, dW, db, dlog if threshold_grad else None
+
+
+def _backward_scattered(
+    dpre: Tensor, dthr: Tensor, indices: Tensor, x: Tensor, W: Tensor, need_dx: bool,
+    need_params: bool, threshold_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The dense GEMM pair over dpre scattered to [N, T] (see DENSE_GATE_BACKWARD_RATIO): the
+    same formulas as the sparse kernels, deterministic (each token's indices are distinct)."""
+    n, k = indices.shape
+    n_t = W.shape[0]
+    dense = torch.zeros(n, n_t, dtype=dpre.dtype, device=x.device)
+    dense.scatter_(1, indices, dpre.view(n, k))
+    dx = dlog = None
+    if need_dx:
+        # W rounded to x's dtype, as the forward's products used it.
+        dx = (dense @ W.to(x.dtype).to(dense.dtype)).to(x.dtype)
+    if not need_params:
+        return dx, None, None, None
+    if threshold_grad:
+        dlog = torch.zeros(n, n_t, dtype=dpre.dtype, device=x.device)
+        dlog = dlog.scatter_(1, indices, dthr.view(n, k)).sum(0)
+    return dx, dense.T @ x.to(dense.dtype), dense.sum(0), dlog
 
 
 def _reduce_by_transform(

@@ -22,14 +22,11 @@ from torch import Tensor, empty_like, int64, library, no_grad
 from torch import dtype as DType
 from torch.autograd import Function
 
-from ..configs import plan
+from ..configs import MixtureLayout, plan
 from ..first_order import first_order_only
-from ..routing import Routing, region_starts, route_pairs
+from ..routing import route_pairs
 from . import cpu
 from . import pytorch as torch_impl
-
-# Routing tensors the triton op returns and its backward takes, in this order.
-_ROUTING_FIELDS = ("pair_of_row", "row_of_pair", "transform_of_block", "blocks_used", "pair_counts")
 
 BackwardFn = Callable[
     [Tensor, tuple[bool, bool, bool, bool]],
@@ -126,13 +123,17 @@ class _SparseLowRankMixture(Function):
 
 def _triton_layout(
     n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: DType
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(block_m, block_start, row_start) the triton backend routes with, from shapes only."""
-    block_m = tuple(c.block_m for c in plan(n_tokens, n_slots, U, V, dtype))
-    block_start, row_start = region_starts(
-        n_tokens, n_slots, [v.shape[0] for v in V], block_m
-    )
-    return block_m, block_start, row_start
+) -> MixtureLayout:
+    """Sizes of the triton backend's block table and h_pre, from shapes only."""
+    return plan(n_tokens, n_slots, U, V, dtype).layout
+
+
+def _table_shapes(n_tokens: int, n_slots: int, U, V, dtype: DType) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the BlockTable fields, in order, and of h_pre last."""
+    lay = _triton_layout(n_tokens, n_slots, U, V, dtype)
+    n_t = sum(v.shape[0] for v in V)
+    return ((lay.n_rows,), (lay.n_blocks,), (lay.n_blocks + 1,), (n_t + 1,), (lay.n_blocks,),
+            (lay.n_ranges + 1,), (1,), (lay.h_size,))
 
 
 @library.custom_op("molt_kernels::lowrank_mixture", mutates_args=())
@@ -143,33 +144,28 @@ def lowrank_mixture_triton(
     U: list[Tensor],
     V: list[Tensor],
     b_dec: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """The triton decode: (y [N, d_out], the routing's tensors, h_pre per bucket).
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The triton decode: (y [N, d_out], h_pre [h_size], the block table's tensors).
 
-    x [N, d_in]; gates [N, k] fp32 (fp64 for fp64 x); indices [N, k] int64; U[b] [n_b, d_out, r_b],
-    V[b] [n_b, r_b, d_in] and b_dec [d_out] in x's dtype. The routing tensors are those of
-    ``ops.routing.Routing`` in ``_ROUTING_FIELDS`` order; h_pre[b] is [row capacity, r_b] in x's
-    dtype, its rows past the bucket's used blocks left unwritten. Deterministic (no atomics).
+    x [N, d_in]; gates [N, S] fp32 (fp64 for fp64 x); indices [N, S] int64; U[b] [n_b, d_out, r_b],
+    V[b] [n_b, r_b, d_in] and b_dec [d_out] in x's dtype. The block table is
+    ``launch.BlockTable`` (int64); h_pre holds the ungated rank-space activations of every
+    routed row, zero elsewhere. Every output is fully written. Deterministic (no atomics).
     """
     from . import launch as impl  # Triton is imported only when the triton backend runs
 
-    y, routing, h_pre = impl.forward(x, gates, indices, U, V, b_dec)
-    return (y, *(getattr(routing, f) for f in _ROUTING_FIELDS), h_pre)
+    y, table, h_pre = impl.forward(x, gates, indices, U, V, b_dec)
+    return y, h_pre, list(table)
 
 
 @lowrank_mixture_triton.register_fake
 def _(x, gates, indices, U, V, b_dec):
     n_tokens, n_slots = indices.shape
-    _, block_start, row_start = _triton_layout(n_tokens, n_slots, U, V, x.dtype)
-    long = dict(dtype=int64, device=x.device)
+    *table, h_shape = _table_shapes(n_tokens, n_slots, U, V, x.dtype)
     return (
         x.new_empty(n_tokens, U[0].shape[1]),
-        x.new_empty(row_start[-1], **long),
-        x.new_empty(n_tokens * n_slots, **long),
-        x.new_empty(block_start[-1], **long),
-        x.new_empty(len(V), **long),
-        x.new_empty(sum(v.shape[0] for v in V), **long),
-        [x.new_empty(row_start[b + 1] - row_start[b], v.shape[1]) for b, v in enumerate(V)],
+        x.new_empty(h_shape),
+        [x.new_empty(shape, dtype=int64) for shape in table],
     )
 
 
@@ -178,48 +174,40 @@ def lowrank_mixture_triton_backward(
     grad_y: Tensor,
     x: Tensor,
     gates: Tensor,
-    routing: list[Tensor],
+    table: list[Tensor],
     U: list[Tensor],
     V: list[Tensor],
-    h_pre: list[Tensor],
+    h_pre: Tensor,
     need_x: bool,
     need_gates: bool,
     need_U: bool,
     need_V: bool,
-) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """(dx [N, d_in], dgates [N, k], dU, dV) of the triton decode; gradients not asked for come
-    back as an empty tensor or list (an op returns tensors, never None)."""
-    n_tokens, n_slots = gates.shape
-    block_m, block_start, row_start = _triton_layout(n_tokens, n_slots, U, V, x.dtype)
-    route = Routing(*routing, n_slots=n_slots, block_m=block_m, block_start=block_start,
-                    row_start=row_start)
-    needs = (need_x, need_gates, need_U, need_V)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx [N, d_in], dgates [N, S], dU, dV) of the triton decode, dU and dV flat over the
+    buckets; gradients not asked for come back empty (an op returns tensors, never None)."""
     from . import launch as impl
 
-    dx, dgates, dU, dV = impl.backward(grad_y, x, gates, route, U, V, h_pre, needs)
-    return (
-        dx if dx is not None else x.new_empty(0),
-        dgates if dgates is not None else gates.new_empty(0),
-        dU if dU is not None else [],
-        dV if dV is not None else [],
-    )
+    needs = (need_x, need_gates, need_U, need_V)
+    grads = impl.backward(grad_y, x, gates, impl.BlockTable(*table), U, V, h_pre, needs)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @lowrank_mixture_triton_backward.register_fake
-def _(grad_y, x, gates, routing, U, V, h_pre, need_x, need_gates, need_U, need_V):
+def _(grad_y, x, gates, table, U, V, h_pre, need_x, need_gates, need_U, need_V):
     return (
         empty_like(x) if need_x else x.new_empty(0),
         empty_like(gates) if need_gates else gates.new_empty(0),
-        [empty_like(u) for u in U] if need_U else [],
-        [empty_like(v) for v in V] if need_V else [],
+        U[0].new_empty(sum(u.numel() for u in U)) if need_U else x.new_empty(0),
+        V[0].new_empty(sum(v.numel() for v in V)) if need_V else x.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, gates, _, U, V, b_dec = inputs
-    _, *routing, h_pre = output
-    ctx.mark_non_differentiable(*h_pre)
-    ctx.n_buckets = len(U)
+    _, h_pre, table = output
+    ctx.mark_non_differentiable(h_pre, *table)
+    ctx.set_materialize_grads(False)  # no zero gradients built for h_pre and the table
+    ctx.n_buckets, ctx.n_table = len(U), len(table)
     ctx.needs = _Needs(
         x.requires_grad,
         gates.requires_grad,
@@ -227,20 +215,25 @@ def _setup_context(ctx, inputs, output) -> None:
         any(u.requires_grad for u in U),
         any(v.requires_grad for v in V),
     )
-    ctx.save_for_backward(x, gates, *routing, *U, *V, *h_pre)
+    ctx.save_for_backward(x, gates, h_pre, *table, *U, *V)
+
+
+def _split(flat: Tensor, weights: Sequence[Tensor]) -> list[Tensor]:
+    """Views of a flat gradient as each bucket's weight shape."""
+    sizes = [w.numel() for w in weights]
+    return [g.view(w.shape) for g, w in zip(flat.split(sizes), weights)]
 
 
 def _triton_backward(ctx, grad_y, *_aux_grads):
-    nb, nr = ctx.n_buckets, len(_ROUTING_FIELDS)
-    x, gates, *rest = ctx.saved_tensors
-    routing, rest = rest[:nr], rest[nr:]
-    U, V, h_pre = rest[:nb], rest[nb : 2 * nb], rest[2 * nb :]
+    nb, nt = ctx.n_buckets, ctx.n_table
+    x, gates, h_pre, *rest = ctx.saved_tensors
+    table, rest = rest[:nt], rest[nt:]
+    U, V = rest[:nb], rest[nb:]
 
     def backward(gy: Tensor, flags: tuple[bool, bool, bool, bool]):
-        grads = lowrank_mixture_triton_backward(
-            gy, x, gates, routing, U, V, h_pre, *flags
-        )
-        return tuple(g if need else None for g, need in zip(grads, flags))
+        dx, dg, dU, dV = lowrank_mixture_triton_backward(gy, x, gates, table, U, V, h_pre, *flags)
+        return (dx if flags[0] else None, dg if flags[1] else None,
+                _split(dU, U) if flags[2] else None, _split(dV, V) if flags[3] else None)
 
     dx, dgates, db, dU, dV = _gradients(
         backward, grad_y, ctx.needs, nb, "triton", (x, gates, *U, *V)

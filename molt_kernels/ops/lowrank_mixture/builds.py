@@ -7,13 +7,14 @@ import torch
 import triton
 from torch import Tensor
 
-from ..configs import MAX_BLOCK_M, MIN_TILE, Launch
+from ..configs import Launch
 from ..dtypes import accumulator_dtype
 from ..registry import KernelBuild
 from .launch import backward, forward
 
-# One rank per tile class (BLOCK_R 32 / 64 masked / 128 with a rank loop), at the paper's width.
-REPORT_RANKS, REPORT_WIDTH, REPORT_SLOTS, REPORT_TRANSFORMS = (32, 48, 512), 2304, 8, 64
+# The paper's ranks (one launch covers every bucket) at its width; ranks 48 and 512 are masked
+# and looped over rank tiles.
+REPORT_RANK_COUNTS, REPORT_WIDTH, REPORT_SLOTS = {512: 2, 256: 2, 48: 4, 32: 8}, 2304, 8
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                torch.float64: "fp64", torch.int64: "i64"}
 
@@ -31,6 +32,8 @@ def _report_build(
 ) -> KernelBuild:
     """The KernelBuild of one recorded launch for inputs of ``dtype``."""
     names = kernel.arg_names
+    # Builds are for GPUs: the interpreter's bf16 workaround (widening dot operands) is off there.
+    kw = kw | ({"DOT_FP32": False} if "DOT_FP32" in kw else {})
     values = dict(zip(names, args)) | launch.tiles | kw
     # The JIT turns integer arguments equal to 1 (unit strides) into constants.
     constexprs = {
@@ -53,12 +56,12 @@ def _report_build(
     )
 
 
-def _recorded_launches(dtype: torch.dtype, rank: int, n_tokens: int) -> list[tuple]:
-    """(kernel, launch, args, kwargs) of a forward and backward of one bucket, on meta tensors."""
+def _recorded_launches(dtype: torch.dtype, n_tokens: int) -> list[tuple]:
+    """(kernel, launch, args, kwargs) of a forward and backward on meta tensors."""
     meta = dict(device=torch.device("meta"))
-    n, width, k = REPORT_TRANSFORMS, REPORT_WIDTH, REPORT_SLOTS
-    U = [torch.empty(n, width, rank, dtype=dtype, **meta)]
-    V = [torch.empty(n, rank, width, dtype=dtype, **meta)]
+    width, k = REPORT_WIDTH, REPORT_SLOTS
+    U = [torch.empty(n, width, r, dtype=dtype, **meta) for r, n in REPORT_RANK_COUNTS.items()]
+    V = [torch.empty(n, r, width, dtype=dtype, **meta) for r, n in REPORT_RANK_COUNTS.items()]
     x = torch.empty(n_tokens, width, dtype=dtype, **meta)
     gates = torch.empty(n_tokens, k, dtype=accumulator_dtype(dtype), **meta)
     indices = torch.empty(n_tokens, k, dtype=torch.int64, **meta)
@@ -68,23 +71,19 @@ def _recorded_launches(dtype: torch.dtype, rank: int, n_tokens: int) -> list[tup
     def record(kernel, grid, launch, *args, **kw) -> None:
         recorded.append((kernel, launch, args, kw))
 
-    y, routing, h_pre = forward(x, gates, indices, U, V, b_dec, run=record)
-    backward(y, x, gates, routing, U, V, h_pre, (True, True, True, True), run=record)
+    y, table, h_pre = forward(x, gates, indices, U, V, b_dec, run=record)
+    backward(y, x, gates, table, U, V, h_pre, (True, True, True, True), run=record)
     return recorded
 
 
 def gpu_report_builds() -> list[KernelBuild]:
-    """Every (kernel, config) the launch code picks at width 2304, for each input dtype, one rank
-    per rank-tile class and every BLOCK_M, captured from a forward and backward on meta tensors."""
+    """Every (kernel, config) the launch code picks at width 2304 for the paper's ranks, for each
+    input dtype and every BLOCK_M, captured from a forward and backward on meta tensors."""
     builds: dict[tuple[str, str], KernelBuild] = {}
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        for rank in REPORT_RANKS:
-            block_m = MIN_TILE
-            while block_m <= MAX_BLOCK_M:
-                # Uniform routing: n_tokens * k / T pairs per transform, BLOCK_M half of that.
-                n_tokens = 2 * block_m * REPORT_TRANSFORMS // REPORT_SLOTS
-                for launch in _recorded_launches(dtype, rank, n_tokens):
-                    build = _report_build(dtype, *launch)
-                    builds.setdefault((build.name, build.config), build)
-                block_m *= 2
+        # Uniform routing: token counts whose segments pick every BLOCK_M.
+        for n_tokens in (2 ** p for p in range(6, 18)):
+            for launch in _recorded_launches(dtype, n_tokens):
+                build = _report_build(dtype, *launch)
+                builds.setdefault((build.name, build.config), build)
     return list(builds.values())

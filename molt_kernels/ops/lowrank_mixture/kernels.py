@@ -1,37 +1,33 @@
-"""Triton kernels of the MOLT decode: grouped variable-rank low-rank matmuls, one bucket at a time.
+"""Triton kernels of the MOLT decode: one grouped launch per phase over a block table.
 
-Every kernel reads the block layout of ``ops.routing``: a block of BLOCK_M rows belongs to one
-transform, so a program loads one transform's weights and a tile of rows gathered by token. One
-kernel serves every bucket: the rank R is a compile-time constant and the rank dimension is tiled
-and masked, so ranks that are not powers of two (48) run without padding the weights.
+Routing (``launch.route``) sorts the kept (token, slot) pairs by segment = (transform, token
+range) and pads each segment to BLOCK_M rows: a block belongs to one transform and one token
+range. Per block the table holds its transform (``block_t``, -1 past the used blocks) and the
+offset of its rows in the flat rank-space buffers (``block_h``; a row of transform t holds r_t
+values, so the buffers are sized by the active pairs times the rank, never by bucket capacity).
+All buckets run in the same launch: a program looks its transform's bucket up in ``binfo``
+(rows (first transform, rank, first X^T Y item, rank rows before the bucket)), picks that
+bucket's weight tensor and loops over the rank as a runtime bound in BLOCK_R / BLOCK_K steps.
 
 Kernels (grid; what a program reads -> writes):
 
-- ``_shrink_kernel`` (bucket blocks, rank tiles): H = A[token(rows)] @ W_t^T, a BLOCK_R slice of
-  R, K = A's width in BLOCK_K steps. Forward: A = x, W_t = V_t -> h_pre (ungated) [rows, R].
-  Backward: A = dY, W_t = U_t^T -> g dH [rows, R] and the rank tile's share of
-  dgate = rowsum(dH * h_pre) [rank tiles, pairs], summed over tiles in order afterwards.
-- ``_expand_kernel`` (bucket blocks, width tiles): (g) H[rows] @ W_t -> one row per pair of a
-  [pairs, width] slot buffer. Forward: H = h_pre gated here, W_t = U_t^T -> y's slots.
-  Backward: H = g dH, W_t = V_t -> dx's slots.
-- ``_slot_sum_kernel`` (token tiles, width tiles): out[n] = bias + sum over kept slots s of
-  slot[n k + s], s ascending, accumulated in fp32.
-- ``_xty_kernel`` (chunks, output tiles): grouped X^T Y, C_t = X[token(rows)]^T (g) H[rows] summed
-  over a chunk of t's blocks; dU_t = dY^T (g h_pre), dV_t^T = x^T (g dH). A transform's blocks form
-  one chunk, or several for hot transforms, whose partial sums ``_partial_sum_kernel``
-  (transforms, tiles) then adds in chunk order.
+- ``_shrink_kernel`` (blocks + 1): H = A[token(rows)] @ W_t^T for all r_t columns. Forward:
+  A = x, W = V -> h_pre. Backward: A = dY, W = U^T -> g dH and dgate = rowsum(dH * h_pre).
+  Programs without a block zero the unused tail of h_pre, so the op's outputs are fully defined.
+- ``_expand_kernel`` (token ranges, width tiles): a program owns its token range's rows of the
+  output tile and walks that range's blocks in table order: out[token(rows)] += (g) H @ W_t.
+  One writer per output element and a fixed order, so the combine is deterministic without
+  atomics and without a [pairs, width] slot buffer. Forward: H = h_pre gated, W = U^T -> y
+  (+ b_dec); backward: H = g dH, W = V -> dx. Half outputs accumulate in an fp32 [tokens, width]
+  scratch that the program casts out at the end.
+- ``_xty_kernel`` ((transform, rank tile) items, width tiles): C_t = X[token(rows)]^T (g) H[rows]
+  over t's blocks in order, into the flat gradient of all buckets: dU_t = dY^T (g h_pre),
+  dV_t^T = x^T (g dH). Empty transforms write their zero.
 
-Everything is deterministic: each output element is written by one program and every sum runs in
-a fixed order (no atomics). Launches are sync-free: grids come from shape-only bounds (routing's
-block capacity, n_b + split slots) and surplus programs exit on a -1 transform id.
-
-Precision: bf16/fp16 inputs use tensor cores with fp32 accumulation; h_pre, g dH and the slot
-buffers stay in the input dtype, gates and sums over slots in fp32. fp32 inputs use
-``input_precision="ieee"`` (no tf32). fp64 inputs run natively in fp64 (DMMA on sm_80+), so the
-backend can be gradchecked; all other dtypes accumulate in fp32.
-
-Memory: h_pre and g dH are [row capacity of the bucket, R]; the capacity is routing's shape-only
-bound (every token could pick min(k, n_b) transforms of one bucket), so it exceeds the rows used.
+Precision: bf16/fp16 run on tensor cores with fp32 accumulation; fp32 uses ``ieee`` dots (tf32
+when opted into), fp64 runs in fp64. Weights in another float dtype than the activations (fp32
+master weights) are cast per tile in registers. Under the interpreter bf16 dots widen their
+operands to fp32 first (``DOT_FP32``): triton 3.9's interpreter multiplies bf16 bit patterns.
 """
 
 from __future__ import annotations
@@ -39,168 +35,223 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Columns of a binfo row.
+INFO_COLUMNS = 4
+INFO = tl.constexpr(INFO_COLUMNS)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _bucket(t_or_item, binfo_ptr, COLUMN: tl.constexpr, N_BUCKETS: tl.constexpr):
+    """The bucket whose first transform (COLUMN 0) or first item (COLUMN 2) is <= t_or_item."""
+    b = 0
+    for i in tl.static_range(1, N_BUCKETS):
+        b = tl.where(t_or_item >= tl.load(binfo_ptr + i * INFO + COLUMN), i, b)
+    return b
+
+
+@triton.jit
+def _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS: tl.constexpr):
+    """Base pointer of bucket b's weight tensor (one argument per bucket, up to 8)."""
+    w = w0
+    if N_BUCKETS > 1:
+        if b == 1:
+            w = w1
+    if N_BUCKETS > 2:
+        if b == 2:
+            w = w2
+    if N_BUCKETS > 3:
+        if b == 3:
+            w = w3
+    if N_BUCKETS > 4:
+        if b == 4:
+            w = w4
+    if N_BUCKETS > 5:
+        if b == 5:
+            w = w5
+    if N_BUCKETS > 6:
+        if b == 6:
+            w = w6
+    if N_BUCKETS > 7:
+        if b == 7:
+            w = w7
+    return w
+
 
 @triton.jit
 def _shrink_kernel(
-    a_ptr, w_ptr, h_ptr, dh_ptr, gate_ptr, dgate_ptr, block_t_ptr, row_pair_ptr,
-    K, n_slots, t0,
-    stride_am, stride_ak, stride_wt, stride_wr, stride_wk, stride_hm, stride_dgate,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BACKWARD: tl.constexpr, ACC: tl.constexpr,
+    a_ptr, w0, w1, w2, w3, w4, w5, w6, w7, h_ptr, dh_ptr, gate_ptr, dgate_ptr,
+    block_t_ptr, block_h_ptr, row_pair_ptr, binfo_ptr, blocks_used_ptr,
+    K, n_slots, n_blocks, h_size, stride_am,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_BUCKETS: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
-    t = tl.load(block_t_ptr + block)
+    t = tl.load(block_t_ptr + block, mask=block < n_blocks, other=-1)
     if t < 0:
+        if not BACKWARD:
+            # Unused programs (at least one: the grid has one extra) zero h_pre's tail.
+            used = tl.load(blocks_used_ptr)
+            start = tl.load(block_h_ptr + used)
+            share = tl.cdiv(h_size - start, n_blocks + 1 - used)
+            lo = start + (block - used).to(tl.int64) * share
+            hi = tl.minimum(lo + share, h_size)
+            for i in range(lo, hi, BLOCK_M * BLOCK_R):
+                offs = i + tl.arange(0, BLOCK_M * BLOCK_R)
+                tl.store(h_ptr + offs, tl.zeros((BLOCK_M * BLOCK_R,), h_ptr.dtype.element_ty),
+                         mask=offs < hi)
         return
+    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
+    rank = tl.load(binfo_ptr + b * INFO + 1)
+    w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
+    w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * K
     rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(row_pair_ptr + rows)
     valid = pair >= 0
-    tok = tl.where(valid, pair // n_slots, 0)
-    a_rows = a_ptr + tok[:, None] * stride_am
-    w_t = w_ptr + (t - t0) * stride_wt
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = offs_r[None, :] < R
+    a_rows = a_ptr + tl.where(valid, pair // n_slots, 0)[:, None] * stride_am
+    h_rows = tl.load(block_h_ptr + block) + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * rank
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), ACC)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(a_rows + kk[None, :] * stride_ak,
-                    mask=valid[:, None] & (kk[None, :] < K), other=0.0)
-        w = tl.load(w_t + offs_r[None, :] * stride_wr + kk[:, None] * stride_wk,
-                    mask=r_mask & (kk[:, None] < K), other=0.0)
-        acc = tl.dot(a, w, acc, input_precision="ieee")
-    h_tile = rows[:, None] * stride_hm + offs_r[None, :]
     if BACKWARD:
-        h_pre = tl.load(h_ptr + h_tile, mask=r_mask, other=0.0).to(ACC)
-        # This rank tile's share of dgate; the launch code sums the tiles in order.
-        dgate = tl.sum(acc * h_pre, axis=1)
-        tl.store(dgate_ptr + tl.program_id(1).to(tl.int64) * stride_dgate + pair,
-                 dgate.to(dgate_ptr.dtype.element_ty), mask=valid)
         gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
-        tl.store(dh_ptr + h_tile, (acc * gate[:, None]).to(dh_ptr.dtype.element_ty),
-                 mask=r_mask)
-    else:
-        tl.store(h_ptr + h_tile, acc.to(h_ptr.dtype.element_ty), mask=r_mask)
+        dgate = tl.zeros((BLOCK_M,), ACC)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r[None, :] < rank
+        acc = tl.zeros((BLOCK_M, BLOCK_R), ACC)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            a = tl.load(a_rows + kk[None, :], mask=valid[:, None] & (kk[None, :] < K), other=0.0)
+            # Forward W_t = V_t [r, K] (rank-major); backward W_t = U_t [K, r].
+            if BACKWARD:
+                w_tile = w_t + kk[:, None] * rank + offs_r[None, :]
+            else:
+                w_tile = w_t + offs_r[None, :] * K + kk[:, None]
+            w = tl.load(w_tile, mask=r_ok & (kk[:, None] < K), other=0.0)
+            acc = _dot(a, w.to(a.dtype), acc, DOT_FP32, PRECISION)
+        h_tile = h_rows + offs_r[None, :]
+        if BACKWARD:
+            h_pre = tl.load(h_ptr + h_tile, mask=r_ok, other=0.0).to(ACC)
+            dgate += tl.sum(acc * h_pre, axis=1)
+            tl.store(dh_ptr + h_tile, (acc * gate[:, None]).to(dh_ptr.dtype.element_ty),
+                     mask=r_ok)
+        else:
+            tl.store(h_ptr + h_tile, acc.to(h_ptr.dtype.element_ty), mask=r_ok)
+    if BACKWARD:
+        tl.store(dgate_ptr + pair, dgate.to(dgate_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def _expand_kernel(
-    h_ptr, w_ptr, out_ptr, gate_ptr, block_t_ptr, row_pair_ptr,
-    N, t0,
-    stride_hm, stride_wt, stride_wr, stride_wn, stride_om,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATED: tl.constexpr, ACC: tl.constexpr,
+    h_ptr, w0, w1, w2, w3, w4, w5, w6, w7, acc_ptr, out_ptr, bias_ptr, gate_ptr,
+    range_blocks_ptr, range_start_ptr, block_t_ptr, block_h_ptr, row_pair_ptr, binfo_ptr,
+    N, n_tokens, range_tokens, n_slots, stride_acc, stride_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_BUCKETS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCRATCH: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    t = tl.load(block_t_ptr + block)
-    if t < 0:
-        return
-    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(row_pair_ptr + rows)
-    valid = pair >= 0
+    rng = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n[None, :] < N
-    w_t = w_ptr + (t - t0) * stride_wt
-    if GATED:
-        gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for r0 in range(0, R, BLOCK_K):
-        kk = r0 + tl.arange(0, BLOCK_K)
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :], mask=kk[None, :] < R,
-                    other=0.0)
-        if GATED:
-            # The gate multiplies r values per row here, not d_out values after the matmul.
-            h = (h.to(ACC) * gate[:, None]).to(h_ptr.dtype.element_ty)
-        w = tl.load(w_t + kk[:, None] * stride_wr + offs_n[None, :] * stride_wn,
-                    mask=(kk[:, None] < R) & n_mask, other=0.0)
-        acc = tl.dot(h, w, acc, input_precision="ieee")
-    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask)
-
-
-@triton.jit
-def _slot_sum_kernel(
-    slot_ptr, pair_row_ptr, bias_ptr, out_ptr,
-    n_tokens, n_slots, D,
-    stride_sm, stride_om,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-):
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t_mask = offs_t < n_tokens
-    d_mask = offs_d < D
-    acc = tl.zeros((BLOCK_T, BLOCK_D), ACC)
+    n_ok = offs_n[None, :] < N
+    tok_lo = rng.to(tl.int64) * range_tokens
+    tok_hi = tl.minimum(tok_lo + range_tokens, n_tokens)
+    init = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(ACC)[None, :]
-    for s in range(0, n_slots):
-        pair = offs_t * n_slots + s
-        # Dropped pairs (zero gates) own no routed row and their slot rows are never written.
-        kept = tl.load(pair_row_ptr + pair, mask=t_mask, other=-1) >= 0
-        v = tl.load(slot_ptr + pair[:, None] * stride_sm + offs_d[None, :],
-                    mask=kept[:, None] & d_mask[None, :], other=0.0)
-        acc += v.to(ACC)
-    tl.store(out_ptr + offs_t[:, None] * stride_om + offs_d[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & d_mask[None, :])
+        init += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC)[None, :]
+    for m0 in range(tok_lo, tok_hi, BLOCK_M):
+        toks = m0 + tl.arange(0, BLOCK_M)
+        tl.store(acc_ptr + toks[:, None] * stride_acc + offs_n[None, :], init,
+                 mask=(toks[:, None] < tok_hi) & n_ok)
+    # A block's rows land in other threads than the previous block's: order the RMW in memory.
+    tl.debug_barrier()
+    for i in range(tl.load(range_start_ptr + rng), tl.load(range_start_ptr + rng + 1)):
+        block = tl.load(range_blocks_ptr + i)
+        t = tl.load(block_t_ptr + block)
+        b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
+        rank = tl.load(binfo_ptr + b * INFO + 1)
+        w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
+        w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * N
+        rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(row_pair_ptr + rows)
+        valid = pair >= 0
+        h_rows = tl.load(block_h_ptr + block) + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * rank
+        if GATED:
+            gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+        for r0 in range(0, rank, BLOCK_K):
+            kk = r0 + tl.arange(0, BLOCK_K)
+            h = tl.load(h_ptr + h_rows + kk[None, :], mask=kk[None, :] < rank, other=0.0)
+            if GATED:
+                # The gate scales r values per row here, not N values after the matmul.
+                h = (h.to(ACC) * gate[:, None]).to(h_ptr.dtype.element_ty)
+            # Forward W_t = U_t [N, r]; backward W_t = V_t [r, N] (rank-major).
+            if GATED:
+                w_tile = w_t + offs_n[None, :] * rank + kk[:, None]
+            else:
+                w_tile = w_t + kk[:, None] * N + offs_n[None, :]
+            w = tl.load(w_tile, mask=(kk[:, None] < rank) & n_ok, other=0.0)
+            acc = _dot(h, w.to(h.dtype), acc, DOT_FP32, PRECISION)
+        out = acc_ptr + tl.where(valid, pair // n_slots, 0)[:, None] * stride_acc + offs_n[None, :]
+        mask = valid[:, None] & n_ok
+        tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+        tl.debug_barrier()
+    if SCRATCH:
+        for m0 in range(tok_lo, tok_hi, BLOCK_M):
+            toks = m0 + tl.arange(0, BLOCK_M)
+            mask = (toks[:, None] < tok_hi) & n_ok
+            v = tl.load(acc_ptr + toks[:, None] * stride_acc + offs_n[None, :], mask=mask)
+            tl.store(out_ptr + toks[:, None] * stride_out + offs_n[None, :],
+                     v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _xty_kernel(
-    x_ptr, h_ptr, out_ptr, part_ptr, gate_ptr, chunk_ptr, row_pair_ptr,
-    P, Q, n_slots,
-    stride_xm, stride_xp, stride_hm, stride_ot, stride_op, stride_oq,
+    x_ptr, h_ptr, out_ptr, gate_ptr, t_block_start_ptr, block_h_ptr, row_pair_ptr, binfo_ptr,
+    P, n_slots, stride_xm,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    GATED: tl.constexpr, ACC: tl.constexpr,
+    N_BUCKETS: tl.constexpr, GATED: tl.constexpr, TRANSPOSED: tl.constexpr,
+    ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    t = tl.load(chunk_ptr + chunk * 4)
-    if t < 0:
-        return
-    row_lo = tl.load(chunk_ptr + chunk * 4 + 1) * BLOCK_M
-    row_hi = tl.load(chunk_ptr + chunk * 4 + 2) * BLOCK_M
-    slot = tl.load(chunk_ptr + chunk * 4 + 3)
-    n_q = tl.cdiv(Q, BLOCK_Q)
-    offs_p = (tl.program_id(1) // n_q) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = (tl.program_id(1) % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_mask = offs_p[:, None] < P
-    q_mask = offs_q[None, :] < Q
+    item = tl.program_id(0)
+    b = _bucket(item, binfo_ptr, 2, N_BUCKETS)
+    rank = tl.load(binfo_ptr + b * INFO + 1)
+    local = item - tl.load(binfo_ptr + b * INFO + 2)
+    q_tiles = tl.cdiv(rank, BLOCK_Q)
+    t = tl.load(binfo_ptr + b * INFO) + local // q_tiles
+    offs_q = (local % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p[:, None] < P
+    q_ok = offs_q[None, :] < rank
+    first = tl.load(t_block_start_ptr + t)
+    row_lo = first.to(tl.int64) * BLOCK_M
+    row_hi = tl.load(t_block_start_ptr + t + 1).to(tl.int64) * BLOCK_M
+    h_base = tl.load(block_h_ptr + first) - row_lo * rank
     acc = tl.zeros((BLOCK_P, BLOCK_Q), ACC)
-    # The chunk's blocks are consecutive rows; BLOCK_K of them (dividing BLOCK_M) per step bound
-    # the dot's K, which the FMA path of fp32/fp64 holds in registers.
+    # t's blocks are consecutive rows, BLOCK_K (dividing BLOCK_M) per step.
     for row0 in range(row_lo, row_hi, BLOCK_K):
         rows = row0 + tl.arange(0, BLOCK_K)
         pair = tl.load(row_pair_ptr + rows)
         valid = pair >= 0
         tok = tl.where(valid, pair // n_slots, 0)
-        # X^T tile loaded transposed: [BLOCK_P, BLOCK_K], contiguous along P.
-        xt = tl.load(x_ptr + tok[None, :] * stride_xm + offs_p[:, None] * stride_xp,
-                     mask=valid[None, :] & p_mask, other=0.0)
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + offs_q[None, :],
-                    mask=valid[:, None] & q_mask, other=0.0)
+        xt = tl.load(x_ptr + tok[None, :] * stride_xm + offs_p[:, None],
+                     mask=valid[None, :] & p_ok, other=0.0)
+        h = tl.load(h_ptr + h_base + rows[:, None] * rank + offs_q[None, :],
+                    mask=valid[:, None] & q_ok, other=0.0)
         if GATED:
             gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
             h = (h.to(ACC) * gate[:, None]).to(h_ptr.dtype.element_ty)
-        acc = tl.dot(xt, h, acc, input_precision="ieee")
-    tile = offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
-    if slot < 0:
-        tl.store(out_ptr + t * stride_ot + tile, acc.to(out_ptr.dtype.element_ty),
-                 mask=p_mask & q_mask)
+        acc = _dot(xt, h, acc, DOT_FP32, PRECISION)
+    # Flat gradient of all buckets: t's [P, r] (or [r, P]) block after the rank rows before it.
+    base = (tl.load(binfo_ptr + b * INFO + 3) + (t - tl.load(binfo_ptr + b * INFO)) * rank) * P
+    if TRANSPOSED:
+        tile = offs_q[None, :] * P + offs_p[:, None]
     else:
-        tl.store(part_ptr + slot * stride_ot + tile, acc, mask=p_mask & q_mask)
-
-
-@triton.jit
-def _partial_sum_kernel(
-    part_ptr, out_ptr, split_ptr, size,
-    BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
-    t = tl.load(split_ptr + tl.program_id(0) * 3)
-    if t < 0:
-        return
-    first = tl.load(split_ptr + tl.program_id(0) * 3 + 1)
-    count = tl.load(split_ptr + tl.program_id(0) * 3 + 2)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
-    acc = tl.zeros((BLOCK,), ACC)
-    for j in range(0, count):
-        acc += tl.load(part_ptr + (first + j) * size + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + t * size + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tile = offs_p[:, None] * rank + offs_q[None, :]
+    tl.store(out_ptr + base + tile, acc.to(out_ptr.dtype.element_ty), mask=p_ok & q_ok)

@@ -1,37 +1,47 @@
-"""Launch code of the MOLT decode: routing, buffers and grids per bucket, configs from
-``ops.configs``; ``kernels.py`` says what each kernel computes."""
+"""Launch code of the MOLT decode: the block table (``route``), buffers and one grid per phase;
+configs from ``ops.configs``; ``kernels.py`` says what each kernel computes.
+
+A forward is routing (PyTorch ops, no host sync) + 2 launches; a backward 4 (shrink, dx expand,
+dU and dV X^T Y), whatever the number of rank buckets.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..configs import (
-    MIN_CHUNK_ROWS,
-    PARTIAL_SUM_BLOCK,
-    SLOT_SUM_TOKENS,
-    SLOT_SUM_WIDTH,
-    WARPS,
-    Launch,
-    _pow2_tile,
-    plan,
-)
+from ..configs import MixtureConfig, MixtureLayout, plan
 from ..dtypes import accumulator_dtype
-from ..routing import Routing, route_pairs
-from .kernels import (
-    _expand_kernel,
-    _partial_sum_kernel,
-    _shrink_kernel,
-    _slot_sum_kernel,
-    _xty_kernel,
-)
+from ..runtime import triton_interpreting
+from .kernels import INFO_COLUMNS, _expand_kernel, _shrink_kernel, _xty_kernel
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+class BlockTable(NamedTuple):
+    """Routing of the decode; every tensor int64 and fully written.
+
+    pair_of_row [n_rows]: flat pair id (token * slots + slot) of each row, -1 on padding rows;
+    block_t [n_blocks]: transform of each block, -1 past the used blocks;
+    block_h [n_blocks + 1]: first element of each block's rows in h_pre (the total last);
+    t_block_start [T + 1]: first block of each transform;
+    range_blocks [n_blocks]: block ids in token-range order; range_start [ranges + 1];
+    blocks_used [1].
+    """
+
+    pair_of_row: Tensor
+    block_t: Tensor
+    block_h: Tensor
+    t_block_start: Tensor
+    range_blocks: Tensor
+    range_start: Tensor
+    blocks_used: Tensor
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -43,40 +53,126 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
     return _TL_DTYPE[accumulator_dtype(dtype)]
 
 
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # triton 3.9's interpreter multiplies bf16 tiles as their raw uint16 bits in tl.dot; on the
+    # GPU the tiles always go to the tensor cores in their own dtype.
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
 class Runner(Protocol):
     """Runs one kernel launch; the gpu-report passes one that records launches instead."""
 
     def __call__(
-        self, kernel: triton.JITFunction, grid: tuple[int, ...], launch: Launch, *args, **kw
+        self, kernel: triton.JITFunction, grid: tuple[int, ...], launch, *args, **kw
     ) -> None: ...
 
 
-def launch_kernel(
-    kernel: triton.JITFunction, grid: tuple[int, ...], launch: Launch, *args, **kw
-) -> None:
+def launch_kernel(kernel: triton.JITFunction, grid: tuple[int, ...], launch, *args, **kw) -> None:
     """Launch unless the grid is empty (zero tokens): Triton rejects empty grids."""
     if all(grid):
         kernel[grid](*args, **launch.tiles, **kw, num_warps=launch.num_warps,
                      num_stages=launch.num_stages)
 
 
-def _bucket_views(routing: Routing, b: int) -> tuple[Tensor, Tensor, int]:
-    """(transform of each block, pair of each row) of bucket b's region, and its block count."""
-    b0, b1 = routing.block_start[b], routing.block_start[b + 1]
-    r0, r1 = routing.row_start[b], routing.row_start[b + 1]
-    return routing.transform_of_block[b0:b1], routing.pair_of_row[r0:r1], b1 - b0
+@functools.lru_cache(maxsize=64)
+def _bucket_tables(
+    ranks: tuple[int, ...], counts: tuple[int, ...], block_q: int, device: torch.device
+) -> tuple[Tensor, Tensor, int]:
+    """(binfo [B, INFO_COLUMNS], rank of each transform [T], X^T Y items), built once per shape so a
+    step makes no host-to-device copy (and can be captured in a CUDA graph after a warm-up).
+
+    binfo row b: first transform, rank, first X^T Y item, rank rows (sum n r) before b.
+    """
+    rows, t0, item, rank_rows = [], 0, 0, 0
+    for r, n in zip(ranks, counts):
+        rows.append([t0, r, item, rank_rows])
+        t0, item, rank_rows = t0 + n, item + n * triton.cdiv(r, block_q), rank_rows + n * r
+    binfo = torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(ranks), INFO_COLUMNS)
+    rank_of_t = torch.repeat_interleave(
+        torch.tensor(ranks, dtype=torch.int64, device=device),
+        torch.tensor(counts, device=device), output_size=t0)
+    return binfo, rank_of_t, item
 
 
-def _slot_sum(
-    slots: Tensor, routing: Routing, bias: Tensor | None, out: Tensor, run: Runner
+def route(indices: Tensor, gates: Tensor, rank_of_t: Tensor, layout: MixtureLayout) -> BlockTable:
+    """The block table of the kept pairs (gate != 0) of ``indices`` [N, S], sorted by segment
+    (transform, token range) and, within one, by flat pair id; padded per segment to BLOCK_M.
+
+    No host synchronisation: every size comes from ``layout``. Pairs beyond
+    ``layout.pair_capacity`` (only possible when S exceeds MAX_MEAN_PAIRS_PER_TOKEN) trip a
+    device-side assert.
+    """
+    n_tokens, n_slots = indices.shape
+    n_transforms = rank_of_t.shape[0]
+    m, n_ranges = layout.block_m, layout.n_ranges
+    n_seg = n_transforms * n_ranges
+    long = dict(dtype=torch.int64, device=indices.device)
+    keep = (gates != 0).reshape(-1)
+    if layout.pair_capacity < keep.numel():
+        kept = torch.cumsum(keep, 0)
+        torch._assert_async(kept[-1] <= layout.pair_capacity,
+                            "more active pairs than the decode's pair capacity")
+        keep = keep & (kept <= layout.pair_capacity)
+    token_range = torch.arange(n_tokens, **long) // layout.range_tokens
+    segment = indices * n_ranges + token_range[:, None]
+    key = torch.where(keep, segment.reshape(-1), n_seg)
+    order = torch.sort(key, stable=True).indices
+    key = key[order]
+    counts = torch.zeros(n_seg + 1, **long).scatter_add_(0, key, torch.ones_like(key))[:n_seg]
+    blocks = (counts + m - 1) // m
+    block_end = torch.cumsum(blocks, 0)
+    pair_start = torch.cumsum(counts, 0) - counts
+    valid = key < n_seg
+    seg = key.clamp(max=max(n_seg - 1, 0))
+    row = (block_end - blocks)[seg] * m + torch.arange(key.numel(), **long) - pair_start[seg]
+    # Dropped pairs write -1 to row 0, which the max keeps for a routed pair if it has one.
+    row = torch.where(valid, row, 0)
+    pair_of_row = torch.full((layout.n_rows,), -1, **long).scatter_reduce_(
+        0, row, torch.where(valid, order, -1), "amax")
+    seg_of_block = torch.searchsorted(block_end, torch.arange(layout.n_blocks, **long),
+                                      right=True)
+    used = seg_of_block < n_seg
+    seg_of_block = seg_of_block.clamp(max=max(n_seg - 1, 0))
+    block_t = torch.where(used, seg_of_block // n_ranges, -1)
+    block_h = torch.zeros(layout.n_blocks + 1, **long)
+    torch.cumsum(torch.where(used, rank_of_t[block_t.clamp(min=0)] * m, 0), 0,
+                 out=block_h[1:])
+    t_block_start = torch.zeros(n_transforms + 1, **long)
+    t_block_start[1:] = block_end[n_ranges - 1 :: n_ranges]
+    block_range = torch.where(used, seg_of_block % n_ranges, n_ranges)
+    sorted_range, range_blocks = torch.sort(block_range, stable=True)
+    range_start = torch.searchsorted(sorted_range, torch.arange(n_ranges + 1, **long))
+    return BlockTable(pair_of_row, block_t, block_h, t_block_start,
+                      range_blocks, range_start, block_end[-1:].clone())
+
+
+def _weight_args(weights: Sequence[Tensor]) -> list[Tensor]:
+    """One pointer argument per bucket, padded to 8 with the first (never read)."""
+    ws = [w.contiguous() for w in weights]
+    return ws + [ws[0]] * (8 - len(ws))
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+
+
+def _expand(
+    h: Tensor, weights: Sequence[Tensor], out: Tensor, bias: Tensor | None, gates: Tensor | None,
+    table: BlockTable, binfo: Tensor, cfg_launch, layout: MixtureLayout, n_slots: int,
+    common: dict, run: Runner,
 ) -> None:
+    """out [N, width] = (bias) + sum over each token's blocks of (g) H @ W_t, deterministic."""
     n_tokens, width = out.shape
-    block_d = _pow2_tile(width, SLOT_SUM_WIDTH)
-    grid = (triton.cdiv(n_tokens, SLOT_SUM_TOKENS), triton.cdiv(width, block_d))
-    launch = Launch(dict(BLOCK_T=SLOT_SUM_TOKENS, BLOCK_D=block_d), WARPS, 1)
-    run(_slot_sum_kernel, grid, launch, slots, routing.row_of_pair,
-         out if bias is None else bias, out, n_tokens, routing.n_slots, width,
-         slots.stride(0), out.stride(0), HAS_BIAS=bias is not None, ACC=_acc(out.dtype))
+    acc_dtype = accumulator_dtype(out.dtype)
+    scratch = acc_dtype != out.dtype
+    acc = _empty((n_tokens, width), acc_dtype, out.device) if scratch else out
+    grid = (layout.n_ranges, triton.cdiv(width, cfg_launch.tiles["BLOCK_N"]))
+    run(_expand_kernel, grid, cfg_launch,
+        h, *_weight_args(weights), acc, out, bias if bias is not None else out,
+        gates if gates is not None else out, table.range_blocks, table.range_start,
+        table.block_t, table.block_h, table.pair_of_row, binfo,
+        width, n_tokens, layout.range_tokens, n_slots, acc.stride(0), out.stride(0),
+        GATED=gates is not None, HAS_BIAS=bias is not None, SCRATCH=scratch, **common)
 
 
 def forward(
@@ -86,165 +182,90 @@ def forward(
     U: Sequence[Tensor],
     V: Sequence[Tensor],
     b_dec: Tensor,
+    allow_tf32: bool = False,
     run: Runner = launch_kernel,
-) -> tuple[Tensor, Routing, list[Tensor]]:
-    """y [N, d_out], the routing and h_pre[b] [row capacity of bucket b, r_b] (x's dtype).
+) -> tuple[Tensor, BlockTable, Tensor]:
+    """y [N, d_out], the block table and h_pre [layout.h_size] (x's dtype, fully written).
 
-    x [N, d_in]; gates [N, k] fp32 (fp64 for fp64 x); indices [N, k] int64; U[b] [n_b, d_out, r_b];
-    V[b] [n_b, r_b, d_in]; b_dec [d_out]; floating inputs other than gates in x's dtype.
+    x [N, d_in]; gates [N, S] fp32 (fp64 for fp64 x); indices [N, S] int64; U[b] [n_b, d_out, r_b];
+    V[b] [n_b, r_b, d_in] (x's dtype, or fp32 under half x: cast per tile); b_dec [d_out].
     """
     n_tokens, n_slots = indices.shape
-    d_out = U[0].shape[1]
-    configs = plan(n_tokens, n_slots, U, V, x.dtype)
-    bucket_sizes = tuple(v.shape[0] for v in V)
-    routing = route_pairs(indices, gates != 0, bucket_sizes, tuple(c.block_m for c in configs))
-    x, gates, b_dec = x.contiguous(), gates.contiguous(), b_dec.contiguous()
-    acc = _acc(x.dtype)
-    slots = _empty((n_tokens * n_slots, d_out), x.dtype, x.device)
-    h_pre = []
-    t0 = 0
-    for b, (u, v, cfg) in enumerate(zip(U, V, configs)):
-        block_t, row_pair, n_blocks = _bucket_views(routing, b)
-        h = _empty((n_blocks * cfg.block_m, v.shape[1]), x.dtype, x.device)
-        grid = (n_blocks, triton.cdiv(v.shape[1], cfg.shrink_fwd.tiles["BLOCK_R"]))
-        run(_shrink_kernel, grid, cfg.shrink_fwd,
-             x, v, h, h, gates, gates, block_t, row_pair, x.shape[1], n_slots, t0,
-             x.stride(0), x.stride(1), v.stride(0), v.stride(1), v.stride(2), h.stride(0), 0,
-             R=v.shape[1], BACKWARD=False, ACC=acc)
-        grid = (n_blocks, triton.cdiv(d_out, cfg.expand_fwd.tiles["BLOCK_N"]))
-        run(_expand_kernel, grid, cfg.expand_fwd,
-             h, u, slots, gates, block_t, row_pair, d_out, t0,
-             h.stride(0), u.stride(0), u.stride(2), u.stride(1), slots.stride(0),
-             R=v.shape[1], GATED=True, ACC=acc)
-        h_pre.append(h)
-        t0 += v.shape[0]
-    y = _empty((n_tokens, d_out), x.dtype, x.device)
-    _slot_sum(slots, routing, b_dec, y, run)
-    return y, routing, h_pre
+    cfg = plan(n_tokens, n_slots, U, V, x.dtype)
+    layout = cfg.layout
+    ranks, counts = tuple(v.shape[1] for v in V), tuple(v.shape[0] for v in V)
+    binfo, rank_of_t, _ = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"], x.device)
+    x, gates, indices = x.contiguous(), gates.contiguous(), indices.contiguous()
+    table = route(indices, gates, rank_of_t, layout)
+    common = dict(N_BUCKETS=len(V), ACC=_acc(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
+                  PRECISION=_precision(x.dtype, allow_tf32))
+    h_pre = _empty((layout.h_size,), x.dtype, x.device)
+    run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_fwd,
+        x, *_weight_args(V), h_pre, h_pre, gates, gates, table.block_t, table.block_h,
+        table.pair_of_row, binfo, table.blocks_used, x.shape[1], n_slots, layout.n_blocks,
+        layout.h_size, x.stride(0), BACKWARD=False, **common)
+    y = _empty((n_tokens, U[0].shape[1]), x.dtype, x.device)
+    _expand(h_pre, U, y, b_dec.contiguous(), gates, table, binfo, cfg.expand_fwd, layout,
+            n_slots, common, run)
+    return y, table, h_pre
 
 
-def split_chunks(counts: Tensor, block_m: int, splits: int) -> tuple[Tensor, Tensor]:
-    """Chunks of a bucket's blocks for the grouped X^T Y, computed on the device.
-
-    counts [n_b] int64: pairs per transform. Returns chunk [n_b + splits, 4] int64 rows
-    (transform, first block, end block, partial slot or -1) and split [splits // 2, 3] int64 rows
-    (transform, first partial slot, chunk count) of the split transforms; transform -1 marks
-    surplus rows. Every transform gets one chunk (empty ones write zeros); a hot one gets up to
-    ceil(count / MIN_CHUNK_ROWS) chunks, at most splits * count / (pairs in the bucket), so the
-    split transforms, each with >= 2 chunks, use <= ``splits`` slots and number <= splits // 2.
-    """
-    n_b = counts.shape[0]
-    long = dict(dtype=torch.int64, device=counts.device)
-    blocks = (counts + block_m - 1) // block_m
-    first_block = torch.cumsum(blocks, 0) - blocks
-    total = counts.sum().clamp_min(1)
-    want = torch.minimum((counts + MIN_CHUNK_ROWS - 1) // MIN_CHUNK_ROWS, splits * counts // total)
-    n_chunks = torch.minimum(want, blocks).clamp_min(1)
-    split = n_chunks > 1
-    slots = torch.where(split, n_chunks, 0)
-    first_slot = torch.cumsum(slots, 0) - slots
-    chunk_end = torch.cumsum(n_chunks, 0)
-
-    c = torch.arange(n_b + splits, **long)
-    owner = torch.searchsorted(chunk_end, c, right=True)
-    t = owner.clamp(max=n_b - 1)
-    i = c - (chunk_end - n_chunks)[t]
-    # Near-equal block ranges per chunk.
-    lo = first_block[t] + i * blocks[t] // n_chunks[t]
-    hi = first_block[t] + (i + 1) * blocks[t] // n_chunks[t]
-    slot = torch.where(split[t], first_slot[t] + i, -1)
-    chunk = torch.stack([torch.where(owner < n_b, t, -1), lo, hi, slot], 1)
-
-    j = torch.arange(splits // 2, **long)
-    owner = torch.searchsorted(torch.cumsum(split, 0), j, right=True)
-    t = owner.clamp(max=n_b - 1)
-    split_rows = torch.stack([torch.where(owner < n_b, t, -1), first_slot[t], n_chunks[t]], 1)
-    return chunk, split_rows
-
-
-def _grouped_xty(
-    x: Tensor, h: Tensor, gates: Tensor | None, routing: Routing, b: int, t0: int,
-    out: Tensor, transposed: bool, launch: Launch, splits: int, run: Runner,
+def _xty(
+    x: Tensor, h: Tensor, gates: Tensor | None, out: Tensor, transposed: bool, table: BlockTable,
+    binfo: Tensor, n_items: int, cfg_launch, n_slots: int, common: dict, run: Runner,
 ) -> None:
-    """out[t] = X[token(rows of t)]^T (g) H[rows of t] for every transform t of bucket b.
-
-    x [N, P]; h [row capacity, Q]; out [n_b, P, Q], or [n_b, Q, P] if ``transposed``, contiguous.
-    """
-    n_b = out.shape[0]
-    P, Q = x.shape[1], h.shape[1]
-    stride_op, stride_oq = out.stride(2 if transposed else 1), out.stride(1 if transposed else 2)
-    chunk, split = split_chunks(routing.pair_counts[t0 : t0 + n_b], routing.block_m[b], splits)
-    _, row_pair, _ = _bucket_views(routing, b)
-    acc_dtype = accumulator_dtype(x.dtype)
-    # One element at least: a launch needs a valid pointer even when nothing splits.
-    part = _empty((max(splits * P * Q, 1),), acc_dtype, x.device)
-    tiles = triton.cdiv(P, launch.tiles["BLOCK_P"]) * triton.cdiv(Q, launch.tiles["BLOCK_Q"])
-    run(_xty_kernel, (n_b + splits, tiles), launch,
-         x, h, out, part, gates if gates is not None else part, chunk, row_pair,
-         P, Q, routing.n_slots,
-         x.stride(0), x.stride(1), h.stride(0), out.stride(0), stride_op, stride_oq,
-         GATED=gates is not None, ACC=_TL_DTYPE[acc_dtype])
-    sum_launch = Launch(dict(BLOCK=PARTIAL_SUM_BLOCK), WARPS, 1)
-    run(_partial_sum_kernel, (splits // 2, triton.cdiv(P * Q, PARTIAL_SUM_BLOCK)), sum_launch,
-         part, out, split, P * Q, ACC=_TL_DTYPE[acc_dtype])
+    """out (flat, every bucket) = per transform t: X[token(rows)]^T (g) H[rows] over t's rows."""
+    P = x.shape[1]
+    grid = (n_items, triton.cdiv(P, cfg_launch.tiles["BLOCK_P"]))
+    run(_xty_kernel, grid, cfg_launch,
+        x, h, out, gates if gates is not None else out, table.t_block_start, table.block_h,
+        table.pair_of_row, binfo, P, n_slots, x.stride(0),
+        GATED=gates is not None, TRANSPOSED=transposed, **common)
 
 
 def backward(
     grad_y: Tensor,
     x: Tensor,
     gates: Tensor,
-    routing: Routing,
+    table: BlockTable,
     U: Sequence[Tensor],
     V: Sequence[Tensor],
-    h_pre: Sequence[Tensor],
+    h_pre: Tensor,
     needs: tuple[bool, bool, bool, bool],
+    allow_tf32: bool = False,
     run: Runner = launch_kernel,
-) -> tuple[Tensor | None, Tensor | None, list[Tensor] | None, list[Tensor] | None]:
-    """Gradients (dx [N, d_in], dgates [N, k], dU, dV) for ``needs`` = (x, gates, U, V).
-
-    grad_y [N, d_out] in x's dtype; the rest as returned by / passed to :func:`forward`.
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dx [N, d_in], dgates [N, S], dU flat, dV flat) for ``needs`` = (x, gates, U, V); the flat
+    gradients hold every bucket's [n_b, d_out, r_b] / [n_b, r_b, d_in] one after the other
+    (the op's autograd views them). Inputs as returned by / passed to :func:`forward`.
     """
     need_x, need_g, need_u, need_v = needs
     n_tokens, n_slots = gates.shape
-    configs = plan(n_tokens, n_slots, U, V, x.dtype)
+    cfg: MixtureConfig = plan(n_tokens, n_slots, U, V, x.dtype)
+    layout = cfg.layout
+    ranks, counts = tuple(v.shape[1] for v in V), tuple(v.shape[0] for v in V)
+    binfo, _, n_items = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"], x.device)
     x, gates, grad_y = x.contiguous(), gates.contiguous(), grad_y.contiguous()
-    acc = _acc(x.dtype)
-    d_in = x.shape[1]
-    # dgate per rank tile; dropped pairs get no program: their gradient is the zero they start from.
-    rank_tiles = max(triton.cdiv(v.shape[1], c.shrink_bwd.tiles["BLOCK_R"])
-                     for v, c in zip(V, configs))
-    dgates = torch.zeros(rank_tiles, n_tokens * n_slots, dtype=gates.dtype, device=x.device)
-    dx_slots = _empty((n_tokens * n_slots, d_in), x.dtype, x.device) if need_x else None
-    dU = [_empty(tuple(u.shape), u.dtype, u.device) for u in U] if need_u else None
-    dV = [_empty(tuple(v.shape), v.dtype, v.device) for v in V] if need_v else None
-    t0 = 0
-    for b, (u, v, h, cfg) in enumerate(zip(U, V, h_pre, configs)):
-        block_t, row_pair, n_blocks = _bucket_views(routing, b)
-        r = v.shape[1]
-        if need_u:
-            _grouped_xty(grad_y, h, gates, routing, b, t0, dU[b], False, cfg.grad_u, cfg.splits_u,
-                         run)
-        if need_g or need_x or need_v:
-            dh = _empty(tuple(h.shape), x.dtype, x.device)
-            grid = (n_blocks, triton.cdiv(r, cfg.shrink_bwd.tiles["BLOCK_R"]))
-            run(_shrink_kernel, grid, cfg.shrink_bwd,
-                 grad_y, u, h, dh, gates, dgates, block_t, row_pair, grad_y.shape[1], n_slots, t0,
-                 grad_y.stride(0), grad_y.stride(1), u.stride(0), u.stride(2), u.stride(1),
-                 h.stride(0), dgates.stride(0), R=r, BACKWARD=True, ACC=acc)
-            if need_x:
-                grid = (n_blocks, triton.cdiv(d_in, cfg.expand_bwd.tiles["BLOCK_N"]))
-                run(_expand_kernel, grid, cfg.expand_bwd,
-                     dh, v, dx_slots, gates, block_t, row_pair, d_in, t0,
-                     dh.stride(0), v.stride(0), v.stride(1), v.stride(2), dx_slots.stride(0),
-                     R=r, GATED=False, ACC=acc)
-            if need_v:
-                _grouped_xty(x, dh, None, routing, b, t0, dV[b], True, cfg.grad_v, cfg.splits_v,
-                             run)
-        t0 += v.shape[0]
-    dx = None
-    if need_x:
-        dx = _empty((n_tokens, d_in), x.dtype, x.device)
-        _slot_sum(dx_slots, routing, None, dx, run)
-    # A fixed-order sum over at most R / BLOCK_R tiles.
-    dgates = dgates.sum(0).view(n_tokens, n_slots) if need_g else None
-    return dx, dgates, dU, dV
+    common = dict(N_BUCKETS=len(V), ACC=_acc(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
+                  PRECISION=_precision(x.dtype, allow_tf32))
+    # Dropped pairs get no program: their gradient is the zero they start from.
+    dgates = torch.zeros(n_tokens, n_slots, dtype=gates.dtype, device=x.device)
+    dx = dU = dV = None
+    if need_u:
+        dU = _empty((sum(u.numel() for u in U),), U[0].dtype, x.device)
+        _xty(grad_y, h_pre, gates, dU, False, table, binfo, n_items, cfg.grad_u, n_slots,
+             common, run)
+    if need_g or need_x or need_v:
+        dh = _empty((layout.h_size,), x.dtype, x.device)
+        run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_bwd,
+            grad_y, *_weight_args(U), h_pre, dh, gates, dgates, table.block_t, table.block_h,
+            table.pair_of_row, binfo, table.blocks_used, grad_y.shape[1], n_slots,
+            layout.n_blocks, layout.h_size, grad_y.stride(0), BACKWARD=True, **common)
+        if need_x:
+            dx = _empty(tuple(x.shape), x.dtype, x.device)
+            _expand(dh, V, dx, None, None, table, binfo, cfg.expand_bwd, layout, n_slots,
+                    common, run)
+        if need_v:
+            dV = _empty((sum(v.numel() for v in V),), V[0].dtype, x.device)
+            _xty(x, dh, None, dV, True, table, binfo, n_items, cfg.grad_v, n_slots, common, run)
+    return dx, dgates if need_g else None, dU, dV

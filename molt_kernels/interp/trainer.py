@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -70,7 +71,7 @@ from molt_kernels.interp.objective import LayerObjective, n_units, output_weight
 from molt_kernels.interp.replace import get_module
 from molt_kernels.interp.schedules import LR_DECAYS, annealed_k, linear_warmup, lr_factor
 from molt_kernels.interp.train import PENALTY_FORMS, fit_gate_bias, init_from_data
-from molt_kernels.layers.io import load_state_strict, read_layer
+from molt_kernels.layers.io import WEIGHTS_FILE, check_weights_header, read_config
 from molt_kernels.layers.molt import MOLT
 
 LayerFactory = Callable[[int, int, int], nn.Module]
@@ -440,10 +441,11 @@ class Trainer:
 
     @staticmethod
     def _restore_weights(where: Path, layer: nn.Module) -> None:
-        config, weights = read_layer(where, layer.KIND)
+        config = read_config(where, layer.KIND)
         if config != layer.cfg.to_dict():
             raise ValueError(f"{where} holds {config}; this run builds {layer.cfg.to_dict()}")
-        load_state_strict(layer, weights, str(where))
+        check_weights_header(where, {n: t.shape for n, t in layer.state_dict().items()})
+        layer.load_state_dict(load_file(str(Path(where) / WEIGHTS_FILE)))
 
     # -- data ---------------------------------------------------------------------------------
 

@@ -68,5 +68,11 @@ class _ContainedLinear(Function):
 
 
 def gate_logits(x: Tensor, W_gate: Tensor, b_gate: Tensor) -> Tensor:
-    """pre [N, T] = x [N, d_in] W_gate^T + b_gate, its gradients contained (see module doc)."""
+    """pre [N, T] = x [N, d_in] W_gate^T + b_gate, its gradients contained (see module doc).
+
+    Under torch.compile the plain product: Dynamo traces neither a custom jvp nor the backward's
+    data-dependent row check, so NaN containment of the gate's gradients is an eager-mode promise.
+    """
+    if torch.compiler.is_compiling():
+        return F.linear(x, W_gate, b_gate)
     return _ContainedLinear.apply(x, W_gate, b_gate)

@@ -12,7 +12,7 @@ the same training tokens and evaluated on the same held-out tokens:
 - ``molt-uniform`` / ``topk``: one rank for every transform, with the paper allocation's parameter
   count (within 1%), over the same k sweep;
 - ``transcoder`` / ``topk``: the TopK transcoder with the paper allocation's parameter count
-  (:func:`molt_kernels.flops.matched_transcoder`), over a k sweep.
+  (:func:`molt_kernels.layers.flops.matched_transcoder`), over a k sweep.
 
 Matched comparisons: every point sees the same training tokens in the same order (the trainer's
 shuffle is seeded by the seed, not by the kind), the same optimiser (AdamW), batch size and number

@@ -14,7 +14,7 @@ COMMANDS = {
     "flops": ("molt_kernels.tools.flops", "parameters and FLOPs of MOLTs and matched transcoders"),
     "convert": ("molt_kernels.tools.convert", "OpenMOSS / crosslayer-transcoder / sparsify files"),
     "train": ("molt_kernels.tools.train", "train MOLTs / transcoders on a model's MLPs on the fly"),
-    "study": ("molt_kernels.tools.study", "research studies on real models (pareto)"),
+    "study": ("molt_kernels.tools.study", "research studies (pareto, replacement-aware)"),
 }
 
 

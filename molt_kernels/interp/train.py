@@ -98,6 +98,17 @@ class TrainLog:
     dead_fraction: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
+    def record(
+        self, step: int, loss: Tensor, pred: Tensor, target: Tensor, gates: Tensor, dead: Tensor
+    ) -> None:
+        """Append one step: its loss, the FVU of pred vs target [n, d_out], the L0 of gates
+        [n, k] and the dead fraction of the [n_units] bool mask."""
+        self.step.append(step)
+        self.loss.append(loss.item())
+        self.fvu.append(fvu(pred.detach(), target).item())
+        self.l0.append(l0(gates.detach()).item())
+        self.dead_fraction.append(dead.double().mean().item())
+
     def last(self) -> dict[str, float]:
         keys = ("step", "loss", "fvu", "l0", "dead_fraction")
         return {k: getattr(self, k)[-1] for k in keys} if self.step else {}
@@ -271,11 +282,7 @@ def train(
         if cfg.revive_every and step % cfg.revive_every == 0 and window_full:
             reopen_dead(layer, xb, dead.to(device))
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.step.append(step)
-            log.loss.append(loss.item())
-            log.fvu.append(fvu(pred.detach(), yb).item())
-            log.l0.append(l0(gates.detach()).item())
-            log.dead_fraction.append(dead.double().mean().item())
+            log.record(step, loss, pred, yb, gates, dead)
             progress.set_postfix(
                 fvu=f"{log.fvu[-1]:.3f}",
                 l0=f"{log.l0[-1]:.1f}",

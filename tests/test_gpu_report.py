@@ -12,6 +12,7 @@ from molt_kernels.tools.gpu_report import (
     ReportRow,
     check_limits,
     compile_builds,
+    mma_instructions,
     render_table,
 )
 
@@ -91,6 +92,28 @@ def test_matmul_resources(matmul_rows: dict[str, ReportRow], arch: str) -> None:
 def test_wgmma_only_on_sm90(matmul_rows: dict[str, ReportRow]) -> None:
     assert matmul_rows["sm_90"].wgmma is True
     assert matmul_rows["sm_80"].wgmma is False
+    assert matmul_rows["sm_90"].mma == "wgmma.bf16"
+    assert matmul_rows["sm_80"].mma == "mma.bf16"
+
+
+def test_mma_instructions_name_kind_and_operand_type() -> None:
+    ptx = ("wgmma.fence.sync.aligned;\n"
+           "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;\n"
+           "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f1};\n")
+    assert mma_instructions(ptx) == "mma.tf32,wgmma.bf16"
+    assert mma_instructions("fma.rn.f32 %f1, %f2, %f3, %f1;") == ""
+
+
+def test_large_half_dot_without_wgmma_on_sm90_is_a_problem() -> None:
+    big = dict(arch="sm_90", num_warps=4, dot_rows=64, dot_input="bf16", wgmma=False,
+               mma="mma.bf16")
+    (problem,) = check_limits(_synthetic(**big))
+    assert problem == "no wgmma: bf16 dot tile of 64 rows (4 warps) runs on mma.bf16"
+    assert check_limits(_synthetic(**(big | {"dot_input": "tf32"})))
+    assert check_limits(_synthetic(**(big | {"wgmma": True, "mma": "wgmma.bf16"}))) == []
+    assert check_limits(_synthetic(**(big | {"dot_rows": 32}))) == []
+    assert check_limits(_synthetic(**(big | {"arch": "sm_80"}))) == []
+    assert check_limits(_synthetic(**(big | {"dot_input": "fp32", "mma": ""}))) == []
 
 
 def test_spill_is_flagged() -> None:

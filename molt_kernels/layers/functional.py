@@ -2,8 +2,15 @@
 
 Every function accepts any number of leading dims on ``x`` ([..., d_in]), validates its inputs
 (clear errors naming the argument), resolves the backend and handles dtypes: bf16/fp16 inputs on
-the CPU are computed in fp32 and returned in the input dtype; parameters are cast to the compute
-dtype (differentiably, so gradients reach them in their own dtype).
+the CPU are computed in fp32 and returned in the input dtype. On the reference and torch backends
+parameters are cast to the compute dtype (differentiably, so gradients reach them in their own
+dtype); the triton kernels read fp32 master weights under half x as they are, casting each tile in
+registers, and return their gradients in fp32 (``ops.dtypes.kernel_weight_dtype``).
+
+Precision: ``allow_tf32`` lets the triton kernels' fp32 dots use TF32. ``None`` (the default)
+follows torch's own switch for fp32 CUDA matmuls (``torch.set_float32_matmul_precision("high")``
+or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``), which also governs the matmuls of the
+reference and torch backends and of the triton gate's dense backward; off by default.
 """
 
 from __future__ import annotations
@@ -14,7 +21,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ..ops.dtypes import accumulator_dtype, compute_dtype
+from ..ops.dtypes import (
+    accumulator_dtype,
+    compute_dtype,
+    default_allow_tf32,
+    kernel_weight_dtype,
+)
 from ..ops.gate_topk import gate_topk_backend
 from ..ops.lowrank_mixture import lowrank_mixture_backend
 from ..ops.validation import (
@@ -38,6 +50,24 @@ def _refuse_forward_ad(op: str, backend: str, tensors: Sequence[Tensor | None]) 
             "torch.autograd.grad, metrics.module_jacobian); forward-mode AD (torch.func.jvp, "
             "jacfwd) needs backend='reference'"
         )
+
+
+def _resolve_allow_tf32(allow_tf32: bool | None) -> bool:
+    """``allow_tf32`` itself, or torch's switch for None (read per call, as torch's matmuls do)."""
+    if allow_tf32 is None:
+        return default_allow_tf32()
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
+    return allow_tf32
+
+
+def _kernel_weights(weights: Sequence[Tensor], x_dtype: torch.dtype) -> list[Tensor]:
+    """The buckets' weights as the triton decode reads them: as they are when they share a dtype
+    the kernels read (x's, or fp32 under half x), else copied to x's dtype (one kernel argument
+    type for all buckets)."""
+    dtypes = {w.dtype for w in weights}
+    dtype = kernel_weight_dtype(dtypes.pop(), x_dtype) if len(dtypes) == 1 else x_dtype
+    return [w.to(dtype) for w in weights]
 
 
 def _check_gate_args(
@@ -76,6 +106,7 @@ def gate_topk(
     bandwidth: float = 1e-3,
     backend: str | None = None,
     norm_scale: Tensor | None = None,
+    allow_tf32: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gates and indices of the k largest act(x W_gate^T + b_gate) per token.
 
@@ -85,8 +116,10 @@ def gate_topk(
 
     ``norm_scale`` [T] (n_t >= 0, e.g. ||U_t V_t||_F): rank and cut act(n_t pre_t) instead, and
     return act(n_t pre_t) / n_t (0 where n_t = 0). It is a constant of the backward (detached).
+    ``allow_tf32``: fp32 gate dots of the triton backend in TF32 (None: torch's switch).
     """
     _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold, bandwidth, norm_scale)
+    allow_tf32 = _resolve_allow_tf32(allow_tf32)
     backend = resolve_backend(backend, x.device)
     if backend == "triton":  # the torch gate is plain PyTorch autograd: forward mode works
         _refuse_forward_ad("gate_topk", backend, (x, W_gate, b_gate, log_threshold))
@@ -107,7 +140,7 @@ def gate_topk(
         # rounded to bf16 would move the cut by up to 2^-9 relative.
         if log_threshold is not None:
             log_threshold = log_threshold.to(dtype)
-    gate = gate_topk_backend(backend)
+    gate = gate_topk_backend(backend, allow_tf32)
     gates, indices = gate(x2, W, b, k, activation, log_threshold, bandwidth)
     if norm_scale is not None:
         # A transform with n_t = 0 has pre = act(0) = 0: divide it by 1 instead of 0.
@@ -157,14 +190,16 @@ def lowrank_mixture(
     V: Sequence[Tensor],
     b_dec: Tensor | None,
     backend: str | None = None,
+    allow_tf32: bool | None = None,
 ) -> Tensor:
     """y [..., d_out] = sum over (t in indices, gate != 0) gate * U_t (V_t x) + b_dec.
 
     x [..., d_in]; gates [..., k] float; indices [..., k] int64, distinct per token;
     U[b] [n_b, d_out, r_b]; V[b] [n_b, r_b, d_in]; b_dec [d_out] or None (no bias). Returns
-    x's dtype.
+    x's dtype. ``allow_tf32``: fp32 dots of the triton backend in TF32 (None: torch's switch).
     """
     _check_decode_args(x, gates, indices, U, V, b_dec)
+    allow_tf32 = _resolve_allow_tf32(allow_tf32)
     backend = resolve_backend(backend, x.device)
     if backend != "reference":
         _refuse_forward_ad("lowrank_mixture", backend, (x, gates, b_dec, *U, *V))
@@ -173,17 +208,22 @@ def lowrank_mixture(
     g2 = gates.reshape(-1, gates.shape[-1])
     i2 = indices.reshape(-1, indices.shape[-1])
     if backend == "triton":
-        # Kernels take x and weights in x's dtype and keep the gates in fp32 (fp64 stays fp64).
+        # Kernels take x in its dtype, the gates in fp32 (fp64 stays fp64) and fp32 master
+        # weights under half x as they are (no copy per call; each tile is cast in registers).
         dtype = x.dtype
         g2 = g2.to(accumulator_dtype(dtype))
+        Us, Vs = _kernel_weights(U, dtype), _kernel_weights(V, dtype)
+        bias = b_dec.to(kernel_weight_dtype(b_dec.dtype, dtype)) if b_dec is not None else None
     else:
         dtype = compute_dtype(x)
         g2 = g2.to(dtype)
+        Us, Vs = [u.to(dtype) for u in U], [v.to(dtype) for v in V]
+        bias = b_dec.to(dtype) if b_dec is not None else None
     x2 = x2.to(dtype)
-    Us, Vs = [u.to(dtype) for u in U], [v.to(dtype) for v in V]
     # No bias: the ops add zeros (exact), so they keep one signature.
-    bias = b_dec.to(dtype) if b_dec is not None else x2.new_zeros(Us[0].shape[1])
-    y = lowrank_mixture_backend(backend)(x2, g2, i2, Us, Vs, bias)
+    if bias is None:
+        bias = x2.new_zeros(Us[0].shape[1])
+    y = lowrank_mixture_backend(backend, allow_tf32)(x2, g2, i2, Us, Vs, bias)
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
@@ -200,8 +240,12 @@ def molt(
     bandwidth: float = 1e-3,
     backend: str | None = None,
     norm_scale: Tensor | None = None,
+    allow_tf32: bool | None = None,
 ) -> Tensor:
-    """The whole MOLT layer: gate_topk then lowrank_mixture. x [..., d_in] -> y [..., d_out]."""
+    """The whole MOLT layer: gate_topk then lowrank_mixture. x [..., d_in] -> y [..., d_out].
+
+    ``allow_tf32``: fp32 dots of the triton backend in TF32, gate and decode (None: torch's
+    switch, see the module docstring)."""
     n_gate = _check_gate_args(
         x, W_gate, b_gate, k, activation, log_threshold, bandwidth, norm_scale
     )
@@ -211,7 +255,9 @@ def molt(
             f"W_gate has {n_gate} rows but U and V hold {n_decode} transforms: they must match"
         )
     backend = resolve_backend(backend, x.device)
+    allow_tf32 = _resolve_allow_tf32(allow_tf32)
     gates, indices = gate_topk(
-        x, W_gate, b_gate, k, activation, log_threshold, bandwidth, backend, norm_scale
+        x, W_gate, b_gate, k, activation, log_threshold, bandwidth, backend, norm_scale,
+        allow_tf32,
     )
-    return lowrank_mixture(x, gates, indices, U, V, b_dec, backend)
+    return lowrank_mixture(x, gates, indices, U, V, b_dec, backend, allow_tf32)

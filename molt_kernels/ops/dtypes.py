@@ -4,6 +4,11 @@
   slots, partial sums).
 - Compute on the CPU: half inputs are computed in fp32 there (half matmuls are ~100x slower on
   the CPU) and returned in their own dtype; on the GPU they run as they are.
+- Triton kernels read weights as they are stored when that is x's dtype or fp32 under half x
+  (fp32 master weights, cast per tile in registers), and their gradients come back in the weights'
+  dtype, accumulated in fp32 (:func:`kernel_weight_dtype`).
+- fp32 dots of the Triton kernels run in true fp32 (``ieee``) unless TF32 is allowed, by default
+  where torch allows it for its own fp32 matmuls (:func:`default_allow_tf32`).
 """
 
 from __future__ import annotations
@@ -24,3 +29,24 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if x.dtype in HALF and x.device.type == "cpu":
         return torch.float32
     return x.dtype
+
+
+def kernel_weight_dtype(weight: torch.dtype, x: torch.dtype) -> torch.dtype:
+    """The dtype a Triton kernel reads a weight of dtype ``weight`` in, under activations of dtype
+    ``x``: the weight's own when it is x's or fp32 under half x (no copy: each tile is cast to x's
+    dtype in registers), else x's (one copy)."""
+    return weight if weight == x or (weight == torch.float32 and x in HALF) else x
+
+
+def default_allow_tf32() -> bool:
+    """Whether fp32 Triton dots may use TF32 when the caller does not say: exactly when torch lets
+    its own fp32 CUDA matmuls use it (``torch.set_float32_matmul_precision("high")``,
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the legacy ``allow_tf32 = True``;
+    this getter reads all three without the legacy/new API mixing error)."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``input_precision`` of the Triton dots for inputs of ``dtype``: "tf32" for fp32 when allowed,
+    else "ieee" (half dots run on tensor cores anyway; fp64 stays fp64)."""
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"

@@ -45,6 +45,10 @@ class KernelBuild:
     constexprs: dict[str, object]  # values of the constexpr parameters
     num_warps: int = 4
     num_stages: int = 3
+    # What its tl.dot tiles multiply, for the gpu-report's wgmma check: rows (M) of the dot's
+    # output tile (0: no tl.dot) and its operand type ("bf16", "fp16", "tf32", "fp32", "fp64").
+    dot_rows: int = 0
+    dot_input: str = ""
 
 
 def collect_builds() -> list[KernelBuild]:

@@ -3,8 +3,11 @@
 ``python -m molt_kernels gpu-report --arch sm_80,sm_90`` builds each (kernel, launch config) for
 each target with ``triton.compile`` (PTX and cubin need no device), reads the resource usage
 with the ``cuobjdump`` that ships inside the triton wheel and the spill counts from ptxas' log, and
-prints one row per (kernel, config, arch). It exits non-zero when any kernel fails to compile,
-spills to local memory, or needs more shared memory than the target allows per block.
+prints one row per (kernel, config, arch), with the tensor-core instructions its PTX uses
+(``mma`` column: ``wgmma.bf16``, ``mma.tf32``, ...). It exits non-zero when any kernel fails to
+compile, spills to local memory, needs more shared memory than the target allows per block, or
+when an sm_90 build whose dot tile has at least 64 rows of half or tf32 inputs lacks wgmma
+(``WGMMA_MIN_ROWS``: Hopper's mma.sync path runs at about half its wgmma rate).
 
 The kernels come from :func:`molt_kernels.ops.registry.collect_builds`: each op folder's
 ``builds.py`` lists one :class:`~molt_kernels.ops.registry.KernelBuild` per (kernel, config) its
@@ -42,6 +45,16 @@ SHARED_MEM_LIMITS: dict[str, int] = {
     "sm_90": 227 * 1024,
 }
 
+# Dots of these operand types with at least this many rows per tile must use wgmma on sm_90
+# (one warpgroup of 4 warps owns 64 rows, so num_warps must be a multiple of 4).
+WGMMA_INPUTS = ("bf16", "fp16", "tf32")
+WGMMA_MIN_ROWS = 64
+# A tensor-core instruction's shape and types in PTX, e.g.
+# "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" or
+# "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32": (instruction, operand A type).
+_MMA_PTX = re.compile(r"\b(wgmma|mma)(?:\.mma_async)?\.sync\.aligned\.m\d+n\d+k\d+"
+                      r"(?:\.row\.col)?\.\w+\.(\w+)\.")
+
 
 @dataclass(frozen=True)
 class ReportRow:
@@ -60,11 +73,16 @@ class ReportRow:
     spill_stores: int | None = None     # bytes, from ptxas' log
     spill_loads: int | None = None
     wgmma: bool | None = None           # wgmma in the PTX (Hopper's async MMA; sm_90 only)
+    mma: str | None = None              # tensor-core instructions in the PTX: "wgmma.bf16", ...;
+                                        # "" for none (FMA units only)
+    dot_rows: int = 0                   # the build's dot tile rows and operand type (KernelBuild)
+    dot_input: str = ""
     error: str | None = None            # compile failure, first line
 
 
 def check_limits(row: ReportRow) -> list[str]:
-    """Problems with ``row``: compile failure, any local memory or spill, shared memory too big.
+    """Problems with ``row``: compile failure, any local memory or spill, shared memory too big,
+    a large half/tf32 dot on sm_90 without wgmma.
 
     The shared memory rule is Triton's launch check: dynamic ``shared`` against the opt-in maximum.
     """
@@ -82,6 +100,10 @@ def check_limits(row: ReportRow) -> list[str]:
     limit = SHARED_MEM_LIMITS[row.arch]
     if row.shared is not None and row.shared > limit:
         problems.append(f"shared memory {row.shared} B > {row.arch} limit {limit} B")
+    if (row.arch == "sm_90" and row.wgmma is False and row.dot_input in WGMMA_INPUTS
+            and row.dot_rows >= WGMMA_MIN_ROWS):
+        problems.append(f"no wgmma: {row.dot_input} dot tile of {row.dot_rows} rows "
+                        f"({row.num_warps} warps) runs on {row.mma or 'FMA units'}")
     return problems
 
 
@@ -92,18 +114,18 @@ def render_table(rows: Sequence[ReportRow]) -> str:
         return "-" if value is None else str(value)
 
     header = ["kernel", "config", "arch", "regs", "smem", "static", "stack", "local",
-              "spill st/ld", "wgmma", "status"]
+              "spill st/ld", "mma", "status"]
     body = []
     for row in rows:
         if row.spill_stores is None or row.spill_loads is None:
             spills = "-"
         else:
             spills = f"{row.spill_stores}/{row.spill_loads}"
-        wgmma = "-" if row.wgmma is None else ("yes" if row.wgmma else "no")
+        mma = "-" if row.mma is None else (row.mma or "none")
         problems = check_limits(row)
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
         body.append([row.kernel, row.config, row.arch, num(row.registers), num(row.shared),
-                     num(row.static_shared), num(row.stack), num(row.local), spills, wgmma,
+                     num(row.static_shared), num(row.stack), num(row.local), spills, mma,
                      status])
     lines = [header, *body]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -198,7 +220,14 @@ def _compile_build(build: KernelBuild, arch: str) -> ReportRow:
         spill_stores=spills[0] if spills else None,
         spill_loads=spills[1] if spills else None,
         wgmma="wgmma" in kernel.asm["ptx"],
+        mma=mma_instructions(kernel.asm["ptx"]),
     )
+
+
+def mma_instructions(ptx: str) -> str:
+    """The tensor-core instructions of ``ptx`` as "kind.operand" ("wgmma.bf16", "mma.tf32"), sorted
+    and comma-joined; "" when it has none."""
+    return ",".join(sorted({f"{kind}.{operand}" for kind, operand in _MMA_PTX.findall(ptx)}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,7 +328,8 @@ def _compile_task(index: int, arch: str) -> ReportRow:
 
 def _empty_row(build: KernelBuild, arch: str) -> ReportRow:
     return ReportRow(kernel=build.name, config=build.config, arch=arch,
-                     num_warps=build.num_warps, num_stages=build.num_stages)
+                     num_warps=build.num_warps, num_stages=build.num_stages,
+                     dot_rows=build.dot_rows, dot_input=build.dot_input)
 
 
 def _triton_signature(

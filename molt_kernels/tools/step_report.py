@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch._library import custom_ops
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -40,6 +41,9 @@ class StepCounts:
     metadata_ops: Counter = field(default_factory=Counter)  # views and detach: no device work
     allocated_bytes: int = 0
     largest_bytes: int = 0
+    # Ops among aten_ops that read a watched tensor (count_step's ``watch``) into a fresh tensor:
+    # casts and copies of weights show up here; a no-op ``to`` (returns its input) does not.
+    watched_ops: Counter = field(default_factory=Counter)
 
     @property
     def n_aten_ops(self) -> int:
@@ -56,12 +60,14 @@ class StepCounts:
 
 
 class _AtenCounter(TorchDispatchMode):
-    """Counts top-level aten ops and the bytes of their fresh (non-view) outputs."""
+    """Counts top-level aten ops and the bytes of their fresh (non-view) outputs, and the ops that
+    read the storage of a watched tensor."""
 
-    def __init__(self, counts: StepCounts) -> None:
+    def __init__(self, counts: StepCounts, watch: Sequence[torch.Tensor] = ()) -> None:
         super().__init__()
         self.counts = counts
         self.paused = False
+        self.watched = {_storage(t) for t in watch}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,6 +81,11 @@ class _AtenCounter(TorchDispatchMode):
             return out
         name = str(func.overloadpacket.__name__)
         self.counts.aten_ops[name] += 1
+        if self.watched and not func.is_view:
+            read = {_storage(a) for a in pytree.tree_leaves((args, kwargs))}
+            fresh = {_storage(t) for t in pytree.tree_leaves(out)} - read
+            if read & self.watched and fresh - {None}:
+                self.counts.watched_ops[name] += 1
         if func.is_view or name in ("detach", "detach_", "alias"):
             self.counts.metadata_ops[name] += 1
         if not func.is_view:
@@ -86,13 +97,19 @@ class _AtenCounter(TorchDispatchMode):
         return out
 
 
+def _storage(value: object) -> int | None:
+    """The storage address of a tensor, None for anything else."""
+    return value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) else None
+
+
 @contextlib.contextmanager
-def count_step() -> Iterator[StepCounts]:
-    """Counts kernel launches (interpreter only), their working programs and the aten ops."""
+def count_step(watch: Sequence[torch.Tensor] = ()) -> Iterator[StepCounts]:
+    """Counts kernel launches (interpreter only), their working programs and the aten ops, and
+    which of those ops read a tensor of ``watch`` (by storage)."""
     from triton.runtime import interpreter
 
     counts = StepCounts()
-    mode = _AtenCounter(counts)
+    mode = _AtenCounter(counts, watch)
     original_call = interpreter.GridExecutor.__call__
     builder = interpreter.interpreter_builder
     original_store = interpreter.InterpreterBuilder.create_masked_store

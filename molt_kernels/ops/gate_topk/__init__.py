@@ -9,6 +9,7 @@ all T activations with indices 0..T-1. Inputs are validated by ``layers.function
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from torch import Tensor
@@ -21,8 +22,9 @@ GateTopk = Callable[
 ]
 
 
-def gate_topk_backend(backend: str) -> GateTopk:
-    """The gate of a resolved backend name."""
+def gate_topk_backend(backend: str, allow_tf32: bool = False) -> GateTopk:
+    """The gate of a resolved backend name; ``allow_tf32`` lets the triton gate's fp32 dots use
+    TF32 (the other backends' matmuls follow torch's own switch)."""
     if backend == "reference":
         return gate_topk_reference
     if backend == "torch":
@@ -30,5 +32,5 @@ def gate_topk_backend(backend: str) -> GateTopk:
     if backend == "triton":
         from .autograd import gate_topk_triton  # Triton is imported only when it runs
 
-        return gate_topk_triton
+        return functools.partial(gate_topk_triton, allow_tf32=allow_tf32)
     raise ValueError(f"unknown backend {backend!r}")

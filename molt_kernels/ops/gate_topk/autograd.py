@@ -15,14 +15,14 @@ from .launch import _backward_dense, _backward_topk, _forward_dense, _forward_to
 @torch.library.custom_op("molt_kernels::gate_topk", mutates_args=())
 def _gate_topk_op(
     x: Tensor, W_gate: Tensor, b_gate: Tensor, log_threshold: Tensor | None, k: int,
-    activation: str, bandwidth: float, split_t: int,
+    activation: str, bandwidth: float, split_t: int, allow_tf32: bool,
 ) -> tuple[Tensor, Tensor]:
     x, W, b, theta = _prepare(x, W_gate, b_gate, log_threshold, activation)
-    return _forward_topk(x, W, b, theta, k, activation, split_t)
+    return _forward_topk(x, W, b, theta, k, activation, split_t, allow_tf32)
 
 
 @_gate_topk_op.register_fake
-def _(x, W_gate, b_gate, log_threshold, k, activation, bandwidth, split_t):
+def _(x, W_gate, b_gate, log_threshold, k, activation, bandwidth, split_t, allow_tf32):
     n = x.shape[0]
     return (x.new_empty((n, k), dtype=accumulator_dtype(x.dtype)),
             x.new_empty((n, k), dtype=torch.int64))
@@ -31,14 +31,14 @@ def _(x, W_gate, b_gate, log_threshold, k, activation, bandwidth, split_t):
 @torch.library.custom_op("molt_kernels::gate_dense", mutates_args=())
 def _gate_dense_op(
     x: Tensor, W_gate: Tensor, b_gate: Tensor, log_threshold: Tensor | None, activation: str,
-    bandwidth: float,
+    bandwidth: float, allow_tf32: bool,
 ) -> Tensor:
     x, W, b, theta = _prepare(x, W_gate, b_gate, log_threshold, activation)
-    return _forward_dense(x, W, b, theta, activation)
+    return _forward_dense(x, W, b, theta, activation, allow_tf32)
 
 
 @_gate_dense_op.register_fake
-def _(x, W_gate, b_gate, log_threshold, activation, bandwidth):
+def _(x, W_gate, b_gate, log_threshold, activation, bandwidth, allow_tf32):
     return x.new_empty((x.shape[0], W_gate.shape[0]), dtype=accumulator_dtype(x.dtype))
 
 
@@ -82,12 +82,12 @@ def _save(ctx, x, W_gate, b_gate, log_threshold, gates, indices, activation, ban
 
 
 def _setup_topk(ctx, inputs, output) -> None:
-    x, W_gate, b_gate, log_threshold, _k, activation, bandwidth, _split_t = inputs
+    x, W_gate, b_gate, log_threshold, _k, activation, bandwidth, _split_t, _tf32 = inputs
     _save(ctx, x, W_gate, b_gate, log_threshold, *output, activation, bandwidth)
 
 
 def _setup_dense(ctx, inputs, output) -> None:
-    x, W_gate, b_gate, log_threshold, activation, bandwidth = inputs
+    x, W_gate, b_gate, log_threshold, activation, bandwidth, _tf32 = inputs
     _save(ctx, x, W_gate, b_gate, log_threshold, output, None, activation, bandwidth)
 
 
@@ -119,13 +119,16 @@ def gate_topk_triton(
     bandwidth: float,
     *,
     split_t: int | None = None,
+    allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """x [N, d_in] -> gates [N, k] (fp32; fp64 for fp64 x), indices [N, k] int64, descending.
 
     W_gate [T, d_in] and b_gate [T] in any float dtype (fp32 parameters under half x are read
     as they are); log_threshold [T] for jumprelu. Ties go to the lower transform id. ``k=None``
     returns all T activations with indices 0..T-1. ``split_t`` forces the number of programs
-    along T (None: chosen from the device).
+    along T (None: chosen from the device). ``allow_tf32``: fp32 x @ W_gate^T in TF32 (the
+    backward's sparse kernels multiply on the FMA units in fp32; its dense GEMM pair is torch
+    matmuls under torch's own switch).
     """
     n, n_t = x.shape[0], W_gate.shape[0]
     check_gate_activation(activation, log_threshold)
@@ -133,7 +136,8 @@ def gate_topk_triton(
     if activation != "jumprelu":
         log_threshold = None  # unused, so it gets no gradient
     if k is None:
-        gates = _gate_dense_op(x, W_gate, b_gate, log_threshold, activation, bandwidth)
+        gates = _gate_dense_op(x, W_gate, b_gate, log_threshold, activation, bandwidth,
+                               allow_tf32)
         return gates, torch.arange(n_t, device=x.device).expand(n, n_t)
     return _gate_topk_op(x, W_gate, b_gate, log_threshold, k, activation, bandwidth,
-                         split_t or 0)
+                         split_t or 0, allow_tf32)

@@ -13,7 +13,7 @@ from ..configs import (
     dense_config,
     fwd_config,
 )
-from ..dtypes import accumulator_dtype
+from ..dtypes import accumulator_dtype, dot_precision
 from ..registry import KernelBuild
 from .kernels import (
     _gate_bwd_dw_kernel,
@@ -55,31 +55,40 @@ def gpu_report_builds() -> list[KernelBuild]:
         tile = {"x_ptr": f"*{xs}", "w_ptr": f"*{ws}", "b_ptr": f"*{acc}", "theta_ptr": f"*{acc}",
                 "gates_ptr": f"*{acc}", "N": "i32", "D": "i32:16", "T": "i32:16",
                 "stride_xn": "i32:16", "stride_wt": "i32:16", "ACTIVATION": "constexpr",
-                "DOT_FP32": "constexpr", "BLOCK_N": "constexpr", "BLOCK_T": "constexpr",
-                "BLOCK_D": "constexpr"}
-        for k_pad in _report_k_pads():
-            cfg = fwd_config(k_pad, x_dtype)
-            if cfg is None:  # fp64 selects on the dense activations
-                continue
+                "DOT_FP32": "constexpr", "PRECISION": "constexpr", "BLOCK_N": "constexpr",
+                "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+        # fp32 x compiles both ways: true fp32 (the default) and TF32 (allow_tf32).
+        for tf32 in (False, True) if x_dtype == torch.float32 else (False,):
+            precision = dot_precision(x_dtype, tf32)
+            fwd_tag = f"{tag},tf32" if tf32 else tag
+            dot = {"dot_input": "tf32" if tf32 else xs}
+            for k_pad in _report_k_pads():
+                cfg = fwd_config(k_pad, x_dtype)
+                if cfg is None:  # fp64 selects on the dense activations
+                    continue
+                builds.append(KernelBuild(
+                    name="gate_topk_fwd", config=f"{fwd_tag},{cfg.label}",
+                    fn=_gate_topk_fwd_kernel,
+                    signature=tile | {"idx_ptr": "*i64", "part_ptr": "*i64", "K": "i32",
+                                      "t_per_split": "i32:16", "stride_part": "i32",
+                                      "K_PAD": "constexpr"},
+                    constexprs={"ACTIVATION": "jumprelu", "DOT_FP32": False,
+                                "PRECISION": precision, "BLOCK_N": cfg.block_n,
+                                "BLOCK_T": cfg.block_t, "BLOCK_D": cfg.block_d,
+                                "K_PAD": cfg.k_pad},
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    dot_rows=cfg.block_n, **dot,
+                ))
+            dense = dense_config(x_dtype)
             builds.append(KernelBuild(
-                name="gate_topk_fwd", config=f"{tag},{cfg.label}", fn=_gate_topk_fwd_kernel,
-                signature=tile | {"idx_ptr": "*i64", "part_ptr": "*i64", "K": "i32",
-                                  "t_per_split": "i32:16", "stride_part": "i32",
-                                  "K_PAD": "constexpr"},
+                name="gate_dense_fwd", config=f"{fwd_tag},{dense.label}",
+                fn=_gate_dense_fwd_kernel, signature=tile,
                 constexprs={"ACTIVATION": "jumprelu", "DOT_FP32": False,
-                            "BLOCK_N": cfg.block_n, "BLOCK_T": cfg.block_t,
-                            "BLOCK_D": cfg.block_d, "K_PAD": cfg.k_pad},
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                            "PRECISION": precision, "BLOCK_N": dense.block_n,
+                            "BLOCK_T": dense.block_t, "BLOCK_D": dense.block_d},
+                num_warps=dense.num_warps, num_stages=dense.num_stages,
+                dot_rows=dense.block_n, **dot,
             ))
-        dense = dense_config(x_dtype)
-        builds.append(KernelBuild(
-            name="gate_dense_fwd", config=f"{tag},{dense.label}", fn=_gate_dense_fwd_kernel,
-            signature=tile,
-            constexprs={"ACTIVATION": "jumprelu", "DOT_FP32": False,
-                        "BLOCK_N": dense.block_n, "BLOCK_T": dense.block_t,
-                        "BLOCK_D": dense.block_d},
-            num_warps=dense.num_warps, num_stages=dense.num_stages,
-        ))
         pairs = {"x_ptr": f"*{xs}", "w_ptr": f"*{ws}", "b_ptr": f"*{acc}",
                  "theta_ptr": f"*{acc}", "idx_ptr": "*i64", "gates_ptr": f"*{acc}", "P": "i32",
                  "K": "i32", "D": "i32:16", "stride_xn": "i32:16", "stride_wt": "i32:16",

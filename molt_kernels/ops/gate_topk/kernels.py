@@ -47,12 +47,13 @@ def _activate(pre, theta, ACTIVATION: tl.constexpr):
 def _gate_tile(
     x_ptr, w_ptr, b_ptr, theta_ptr, rows64, cols, N, D, T, stride_xn, stride_wt,
     ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """act(x[rows] W[cols]^T + b[cols]) as a [rows, cols] tile in ACC_DTYPE; the matmul runs in
-    x's dtype (W cast to it, as autocast would) with ACC_DTYPE accumulation, fp32 as "ieee"
-    (true fp32, not tf32). DOT_FP32 multiplies 16-bit tiles in fp32 instead (exact products, so
-    the same sums): the launchers set it only under the interpreter, see _dot_fp32."""
+    x's dtype (W, e.g. fp32 master weights, cast to it per tile, as autocast would) with
+    ACC_DTYPE accumulation; fp32 dots use PRECISION ("ieee": true fp32, "tf32" when opted into).
+    DOT_FP32 multiplies 16-bit tiles in fp32 instead (exact products, so the same sums): the
+    launchers set it only under the interpreter, see _dot_fp32."""
     cols64 = cols.to(tl.int64)
     row_ok = rows64 < N
     col_ok = cols < T
@@ -68,7 +69,7 @@ def _gate_tile(
         if DOT_FP32:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision="ieee")
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
     pre = acc + tl.load(b_ptr + cols64, mask=col_ok, other=0.0)[None, :]
@@ -82,8 +83,8 @@ def _gate_tile(
 def _gate_topk_fwd_kernel(
     x_ptr, w_ptr, b_ptr, theta_ptr, gates_ptr, idx_ptr, part_ptr,
     N, D, T, K, t_per_split, stride_xn, stride_wt, stride_part,
-    ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+    ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
 ):
     """Running top-K_PAD of act(x W^T + b) over T[pid_s * t_per_split :][: t_per_split].
 
@@ -100,7 +101,7 @@ def _gate_topk_fwd_kernel(
         cols = t0 + tl.arange(0, BLOCK_T)
         act = _gate_tile(x_ptr, w_ptr, b_ptr, theta_ptr, rows64, cols, N, D, T, stride_xn,
                          stride_wt, ACTIVATION, gates_ptr.dtype.element_ty, BLOCK_D,
-                         DOT_FP32)
+                         DOT_FP32, PRECISION)
         keys = tl.where((cols < t_end)[None, :], _pack_keys(act, cols), KEY_MIN)
         run = _merge_top(run, _topk_desc(keys, K_PAD), K_PAD)
     if tl.num_programs(1) > 1:
@@ -131,14 +132,14 @@ def _gate_topk_merge_kernel(
 @triton.jit
 def _gate_dense_fwd_kernel(
     x_ptr, w_ptr, b_ptr, theta_ptr, gates_ptr, N, D, T, stride_xn, stride_wt,
-    ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """gates [N, T] = act(x W^T + b), every transform."""
     rows64 = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     act = _gate_tile(x_ptr, w_ptr, b_ptr, theta_ptr, rows64, cols, N, D, T, stride_xn, stride_wt,
-                     ACTIVATION, gates_ptr.dtype.element_ty, BLOCK_D, DOT_FP32)
+                     ACTIVATION, gates_ptr.dtype.element_ty, BLOCK_D, DOT_FP32, PRECISION)
     tl.store(gates_ptr + rows64[:, None] * T + cols[None, :], act,
              mask=(rows64 < N)[:, None] & (cols < T)[None, :])
 
@@ -214,8 +215,9 @@ def _gate_bwd_dx_kernel(
         # Pairs with d pre = 0 (e.g. relu gates at 0) read no weights.
         w = tl.load(w_ptr + t[:, None] * stride_wt + offs_d[None, :],
                     mask=(dp != 0)[:, None] & d_ok[None, :], other=0.0)
-        # W rounded to x's dtype, as the forward's products used it.
-        acc += dp[:, None] * w.to(dx_ptr.dtype.element_ty).to(acc.dtype)
+        # W as stored (fp32 master weights stay fp32): the gradient of the layer, not of the
+        # forward's rounding of W to x's dtype; the dense GEMM pair does the same.
+        acc += dp[:, None] * w.to(acc.dtype)
     tl.store(dx_ptr + rows64[:, None] * stride_dxn + offs_d[None, :], acc,
              mask=row_ok[:, None] & d_ok[None, :])
 

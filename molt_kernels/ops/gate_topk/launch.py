@@ -15,7 +15,7 @@ from ..configs import (
     fwd_config,
     split_count,
 )
-from ..dtypes import HALF, accumulator_dtype
+from ..dtypes import accumulator_dtype, dot_precision, kernel_weight_dtype
 from ..routing import route_pairs
 from ..runtime import triton_interpreting
 from .activation import jumprelu_threshold_grad
@@ -38,10 +38,9 @@ def _dot_fp32(x_dtype: torch.dtype) -> bool:
 
 
 def _kernel_weight(W: Tensor, x_dtype: torch.dtype) -> Tensor:
-    """W as the kernels read it: its own dtype when that is x's or fp32 under half x (cast per
-    tile, saving a copy), else a copy in x's dtype; unit inner stride."""
-    keep = W.dtype == x_dtype or (W.dtype == torch.float32 and x_dtype in HALF)
-    return (W if keep else W.to(x_dtype)).contiguous()
+    """W as the kernels read it (``kernel_weight_dtype``: fp32 under half x is read as it is and
+    cast per tile), unit inner stride."""
+    return W.to(kernel_weight_dtype(W.dtype, x_dtype)).contiguous()
 
 
 def _theta(
@@ -65,7 +64,9 @@ def _prepare(
     return x.contiguous(), _kernel_weight(W, x.dtype), b, _theta(activation, log_threshold, acc, b)
 
 
-def _forward_dense(x: Tensor, W: Tensor, b: Tensor, theta: Tensor, activation: str) -> Tensor:
+def _forward_dense(
+    x: Tensor, W: Tensor, b: Tensor, theta: Tensor, activation: str, allow_tf32: bool
+) -> Tensor:
     n, d = x.shape
     n_t = W.shape[0]
     gates = torch.empty(n, n_t, dtype=b.dtype, device=x.device)
@@ -75,7 +76,8 @@ def _forward_dense(x: Tensor, W: Tensor, b: Tensor, theta: Tensor, activation: s
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(n_t, cfg.block_t))
     _gate_dense_fwd_kernel[grid](
         x, W, b, theta, gates, n, d, n_t, x.stride(0), W.stride(0),
-        ACTIVATION=activation, DOT_FP32=_dot_fp32(x.dtype), BLOCK_N=cfg.block_n,
+        ACTIVATION=activation, DOT_FP32=_dot_fp32(x.dtype),
+        PRECISION=dot_precision(x.dtype, allow_tf32), BLOCK_N=cfg.block_n,
         BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -83,7 +85,8 @@ def _forward_dense(x: Tensor, W: Tensor, b: Tensor, theta: Tensor, activation: s
 
 
 def _forward_topk(
-    x: Tensor, W: Tensor, b: Tensor, theta: Tensor, k: int, activation: str, split_t: int
+    x: Tensor, W: Tensor, b: Tensor, theta: Tensor, k: int, activation: str, split_t: int,
+    allow_tf32: bool,
 ) -> tuple[Tensor, Tensor]:
     n, d = x.shape
     n_t = W.shape[0]
@@ -95,7 +98,7 @@ def _forward_topk(
     if cfg is None:
         # k beyond the register budget, or fp64 (exact ranking): materialise the activations and
         # select with PyTorch.
-        acts = _forward_dense(x, W, b, theta, activation)
+        acts = _forward_dense(x, W, b, theta, activation, allow_tf32)
         indices = topk_lowest_index(acts, k)
         return acts.gather(1, indices), indices
     n_blocks = triton.cdiv(n, cfg.block_n)
@@ -109,6 +112,7 @@ def _forward_topk(
     _gate_topk_fwd_kernel[(n_blocks, split)](
         x, W, b, theta, gates, indices, part, n, d, n_t, k, t_per_split, x.stride(0),
         W.stride(0), n * cfg.k_pad, ACTIVATION=activation, DOT_FP32=_dot_fp32(x.dtype),
+        PRECISION=dot_precision(x.dtype, allow_tf32),
         BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, K_PAD=cfg.k_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -175,8 +179,8 @@ def _backward_scattered(
     dense.scatter_(1, indices, dpre.view(n, k))
     dx = dlog = None
     if need_dx:
-        # W rounded to x's dtype, as the forward's products used it.
-        dx = _live_matmul(dense, W.to(x.dtype).to(dense.dtype)).to(x.dtype)
+        # W as stored, as in _gate_bwd_dx_kernel (no copy of fp32 master weights).
+        dx = _live_matmul(dense, W.to(dense.dtype)).to(x.dtype)
     if not need_params:
         return dx, None, None, None
     if threshold_grad:
@@ -245,14 +249,17 @@ def _backward_dense(
     """Backward of k=None in PyTorch: its [N, T] gates exist already, so dense matmuls are the
     right tool. Same formulas as the sparse path."""
     acc = gates.dtype
-    w = W.to(x.dtype).to(acc)  # the forward's products used W rounded to x's dtype
+    w = W.to(acc)  # as stored, as in the sparse path: fp32 master weights are not copied
     dlog = None
     if activation == "relu":
         dpre = torch.where(gates <= 0, 0.0, dgates)  # NaN passes, as in torch.relu's backward
     elif activation == "jumprelu":
         pre = gates
         if threshold_grad:
-            pre = torch.where(gates != 0, gates, torch.addmm(b, x.to(acc), w.T))
+            # pre recomputed as the forward formed it (W rounded to x's dtype), so the
+            # straight-through window sees the forward's values.
+            w_fwd = W.to(x.dtype).to(acc)
+            pre = torch.where(gates != 0, gates, torch.addmm(b, x.to(acc), w_fwd.T))
             dlog = jumprelu_threshold_grad(dgates, pre, theta, bandwidth).sum(0)
         dpre = torch.where(pre > theta, dgates, 0.0)
     else:

@@ -4,12 +4,14 @@ Backends side by side: ``reference.py`` (dense, masked; plain autograd), ``pytor
 over the routed block layout), ``kernels.py`` + ``launch.py`` (Triton); the sparse backends'
 autograd lives in ``autograd.py``. Every backend is a :data:`LowrankMixture`: ``(x [N, d_in],
 gates [N, k], indices [N, k] int64, U, V, b_dec) -> y [N, d_out]`` with U[b] [n_b, d_out, r_b],
-V[b] [n_b, r_b, d_in]. Floating inputs share x's dtype (triton: gates fp32, fp64 for fp64 x);
-inputs are validated by ``layers.functional``.
+V[b] [n_b, r_b, d_in]. Floating inputs share x's dtype (triton: gates fp32, fp64 for fp64 x, and
+fp32 weights under half x, see ``dtypes.kernel_weight_dtype``); inputs are validated by
+``layers.functional``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 from torch import Tensor
@@ -22,14 +24,16 @@ LowrankMixture = Callable[
 ]
 
 
-def _triton(x, gates, indices, U, V, b_dec) -> Tensor:
-    return lowrank_mixture_triton(x, gates, indices, list(U), list(V), b_dec)[0]
+def _triton(x, gates, indices, U, V, b_dec, allow_tf32: bool = False) -> Tensor:
+    return lowrank_mixture_triton(x, gates, indices, list(U), list(V), b_dec,
+                                  allow_tf32=allow_tf32)[0]
 
 
-def lowrank_mixture_backend(backend: str) -> LowrankMixture:
-    """The decode of a resolved backend name."""
+def lowrank_mixture_backend(backend: str, allow_tf32: bool = False) -> LowrankMixture:
+    """The decode of a resolved backend name; ``allow_tf32`` lets the triton decode's fp32 dots
+    use TF32 (the other backends' matmuls follow torch's own switch)."""
     impls = {"reference": lowrank_mixture_reference, "torch": lowrank_mixture_torch,
-             "triton": _triton}
+             "triton": functools.partial(_triton, allow_tf32=allow_tf32)}
     if backend not in impls:
         raise ValueError(f"unknown backend {backend!r}")
     return impls[backend]

@@ -47,9 +47,10 @@ class _Needs:
 
 def _gradients(
     backward: BackwardFn, grad_y: Tensor, needs: _Needs, n_buckets: int, backend: str,
-    inputs: Sequence[Tensor],
+    inputs: Sequence[Tensor], bias_dtype: DType,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, list, list]:
-    """(dx, dgates, db, dU per bucket, dV per bucket), None where not needed.
+    """(dx, dgates, db, dU per bucket, dV per bucket), None where not needed; db in
+    ``bias_dtype`` (b_dec's), summed in fp32 at least.
 
     ``backward(grad_y, (x, gates, U, V) flags)`` is the backend's primitive; it is first-order
     only, so under create_graph=True the gradients refuse a second backward (``inputs``: the
@@ -59,7 +60,7 @@ def _gradients(
         dx, dgates, dU, dV = backward(
             grad_y.contiguous(), (needs.x, needs.gates, needs.U, needs.V)
         )
-        db = grad_y.sum(0) if needs.b_dec else None
+        db = grad_y.sum(0, dtype=bias_dtype) if needs.b_dec else None
     dU = list(dU) if dU is not None else [None] * n_buckets
     dV = list(dV) if dV is not None else [None] * n_buckets
     what = f"lowrank_mixture on the {backend} backend"
@@ -116,7 +117,7 @@ class _SparseLowRankMixture(Function):
             return torch_impl.backward(gy, x, gates, ctx.routing, U, V, state, flags)
 
         dx, dgates, db, dU, dV = _gradients(
-            backward, grad_y, needs, nb, "torch", (x, gates, *U, *V)
+            backward, grad_y, needs, nb, "torch", (x, gates, *U, *V), x.dtype
         )
         return (dx, dgates, None, db, None, *dU, *dV)
 
@@ -144,22 +145,27 @@ def lowrank_mixture_triton(
     U: list[Tensor],
     V: list[Tensor],
     b_dec: Tensor,
+    *,
+    allow_tf32: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The triton decode: (y [N, d_out], h_pre [h_size], the block table's tensors).
 
-    x [N, d_in]; gates [N, S] fp32 (fp64 for fp64 x); indices [N, S] int64; U[b] [n_b, d_out, r_b],
-    V[b] [n_b, r_b, d_in] and b_dec [d_out] in x's dtype. The block table is
-    ``launch.BlockTable`` (int64); h_pre holds the ungated rank-space activations of every
-    routed row, zero elsewhere. Every output is fully written. Deterministic (no atomics).
+    x [N, d_in]; gates [N, S] fp32 (fp64 for fp64 x); indices [N, S] int64; U[b] [n_b, d_out, r_b]
+    and V[b] [n_b, r_b, d_in] in x's dtype, or fp32 under half x (master weights, cast per tile in
+    registers; each of U and V in one dtype); b_dec [d_out] in x's dtype or fp32. Gradients come
+    back in each input's dtype, accumulated in fp32 (fp64 for fp64). ``allow_tf32``: fp32 dots in
+    TF32, forward and backward. The block table is ``launch.BlockTable`` (int64); h_pre holds the
+    ungated rank-space activations of every routed row, zero elsewhere. Every output is fully
+    written. Deterministic (no atomics).
     """
     from . import launch as impl  # Triton is imported only when the triton backend runs
 
-    y, table, h_pre = impl.forward(x, gates, indices, U, V, b_dec)
+    y, table, h_pre = impl.forward(x, gates, indices, U, V, b_dec, allow_tf32)
     return y, h_pre, list(table)
 
 
 @lowrank_mixture_triton.register_fake
-def _(x, gates, indices, U, V, b_dec):
+def _(x, gates, indices, U, V, b_dec, *, allow_tf32=False):
     n_tokens, n_slots = indices.shape
     *table, h_shape = _table_shapes(n_tokens, n_slots, U, V, x.dtype)
     return (
@@ -182,18 +188,20 @@ def lowrank_mixture_triton_backward(
     need_gates: bool,
     need_U: bool,
     need_V: bool,
+    allow_tf32: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx [N, d_in], dgates [N, S], dU, dV) of the triton decode, dU and dV flat over the
     buckets; gradients not asked for come back empty (an op returns tensors, never None)."""
     from . import launch as impl
 
     needs = (need_x, need_gates, need_U, need_V)
-    grads = impl.backward(grad_y, x, gates, impl.BlockTable(*table), U, V, h_pre, needs)
+    grads = impl.backward(grad_y, x, gates, impl.BlockTable(*table), U, V, h_pre, needs,
+                          allow_tf32)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @lowrank_mixture_triton_backward.register_fake
-def _(grad_y, x, gates, table, U, V, h_pre, need_x, need_gates, need_U, need_V):
+def _(grad_y, x, gates, table, U, V, h_pre, need_x, need_gates, need_U, need_V, allow_tf32):
     return (
         empty_like(x) if need_x else x.new_empty(0),
         empty_like(gates) if need_gates else gates.new_empty(0),
@@ -202,12 +210,13 @@ def _(grad_y, x, gates, table, U, V, h_pre, need_x, need_gates, need_U, need_V):
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
     x, gates, _, U, V, b_dec = inputs
     _, h_pre, table = output
     ctx.mark_non_differentiable(h_pre, *table)
     ctx.set_materialize_grads(False)  # no zero gradients built for h_pre and the table
     ctx.n_buckets, ctx.n_table = len(U), len(table)
+    ctx.allow_tf32, ctx.bias_dtype = keyword_only_inputs["allow_tf32"], b_dec.dtype
     ctx.needs = _Needs(
         x.requires_grad,
         gates.requires_grad,
@@ -231,12 +240,13 @@ def _triton_backward(ctx, grad_y, *_aux_grads):
     U, V = rest[:nb], rest[nb:]
 
     def backward(gy: Tensor, flags: tuple[bool, bool, bool, bool]):
-        dx, dg, dU, dV = lowrank_mixture_triton_backward(gy, x, gates, table, U, V, h_pre, *flags)
+        dx, dg, dU, dV = lowrank_mixture_triton_backward(gy, x, gates, table, U, V, h_pre, *flags,
+                                                         ctx.allow_tf32)
         return (dx if flags[0] else None, dg if flags[1] else None,
                 _split(dU, U) if flags[2] else None, _split(dV, V) if flags[3] else None)
 
     dx, dgates, db, dU, dV = _gradients(
-        backward, grad_y, ctx.needs, nb, "triton", (x, gates, *U, *V)
+        backward, grad_y, ctx.needs, nb, "triton", (x, gates, *U, *V), ctx.bias_dtype
     )
     return dx, dgates, None, dU, dV, db
 

@@ -17,6 +17,16 @@ from .launch import backward, forward
 REPORT_RANK_COUNTS, REPORT_WIDTH, REPORT_SLOTS = {512: 2, 256: 2, 48: 4, 32: 8}, 2304, 8
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                torch.float64: "fp64", torch.int64: "i64"}
+# (x dtype, weight dtype, allow_tf32) the launch code is compiled for: each dtype as it is, fp32
+# master weights under bf16 x (cast per tile in registers; fp16 compiles alike) and fp32 in TF32.
+REPORT_VARIANTS = (
+    (torch.bfloat16, torch.bfloat16, False),
+    (torch.bfloat16, torch.float32, False),
+    (torch.float16, torch.float16, False),
+    (torch.float32, torch.float32, False),
+    (torch.float32, torch.float32, True),
+    (torch.float64, torch.float64, False),
+)
 
 
 def _arg_type(value: object) -> str:
@@ -28,9 +38,10 @@ def _arg_type(value: object) -> str:
 
 
 def _report_build(
-    dtype: torch.dtype, kernel: triton.JITFunction, launch: Launch, args: tuple, kw: dict
+    dtype: torch.dtype, w_dtype: torch.dtype, kernel: triton.JITFunction, launch: Launch,
+    args: tuple, kw: dict,
 ) -> KernelBuild:
-    """The KernelBuild of one recorded launch for inputs of ``dtype``."""
+    """The KernelBuild of one recorded launch for x of ``dtype`` and weights of ``w_dtype``."""
     names = kernel.arg_names
     # Builds are for GPUs: the interpreter's bf16 workaround (widening dot operands) is off there.
     kw = kw | ({"DOT_FP32": False} if "DOT_FP32" in kw else {})
@@ -41,7 +52,7 @@ def _report_build(
         if n in launch.tiles or n in kw or (type(v) is int and v == 1)
     }
     signature = {n: "constexpr" if n in constexprs else _arg_type(values[n]) for n in names}
-    label = [_TYPE_NAMES[dtype]]
+    label = [_TYPE_NAMES[dtype]] + ([f"W={_TYPE_NAMES[w_dtype]}"] if w_dtype != dtype else [])
     label += [f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in kw.items() if n != "ACC"]
     label += [f"{n}={v}" for n, v in launch.tiles.items()]
     label += [f"w{launch.num_warps}s{launch.num_stages}"]
@@ -53,37 +64,42 @@ def _report_build(
         constexprs=constexprs,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
+        # X^T Y multiplies [BLOCK_P, BLOCK_K] x tiles; shrink and expand [BLOCK_M, *] row tiles.
+        dot_rows=launch.tiles.get("BLOCK_P", launch.tiles["BLOCK_M"]),
+        dot_input="tf32" if kw.get("PRECISION") == "tf32" else _TYPE_NAMES[dtype],
     )
 
 
-def _recorded_launches(dtype: torch.dtype, n_tokens: int) -> list[tuple]:
+def _recorded_launches(
+    dtype: torch.dtype, w_dtype: torch.dtype, allow_tf32: bool, n_tokens: int
+) -> list[tuple]:
     """(kernel, launch, args, kwargs) of a forward and backward on meta tensors."""
     meta = dict(device=torch.device("meta"))
     width, k = REPORT_WIDTH, REPORT_SLOTS
-    U = [torch.empty(n, width, r, dtype=dtype, **meta) for r, n in REPORT_RANK_COUNTS.items()]
-    V = [torch.empty(n, r, width, dtype=dtype, **meta) for r, n in REPORT_RANK_COUNTS.items()]
+    U = [torch.empty(n, width, r, dtype=w_dtype, **meta) for r, n in REPORT_RANK_COUNTS.items()]
+    V = [torch.empty(n, r, width, dtype=w_dtype, **meta) for r, n in REPORT_RANK_COUNTS.items()]
     x = torch.empty(n_tokens, width, dtype=dtype, **meta)
     gates = torch.empty(n_tokens, k, dtype=accumulator_dtype(dtype), **meta)
     indices = torch.empty(n_tokens, k, dtype=torch.int64, **meta)
-    b_dec = torch.empty(width, dtype=dtype, **meta)
+    b_dec = torch.empty(width, dtype=w_dtype, **meta)
     recorded: list[tuple] = []
 
     def record(kernel, grid, launch, *args, **kw) -> None:
         recorded.append((kernel, launch, args, kw))
 
-    y, table, h_pre = forward(x, gates, indices, U, V, b_dec, run=record)
-    backward(y, x, gates, table, U, V, h_pre, (True, True, True, True), run=record)
+    y, table, h_pre = forward(x, gates, indices, U, V, b_dec, allow_tf32, run=record)
+    backward(y, x, gates, table, U, V, h_pre, (True, True, True, True), allow_tf32, run=record)
     return recorded
 
 
 def gpu_report_builds() -> list[KernelBuild]:
     """Every (kernel, config) the launch code picks at width 2304 for the paper's ranks, for each
-    input dtype and every BLOCK_M, captured from a forward and backward on meta tensors."""
+    of REPORT_VARIANTS and every BLOCK_M, captured from a forward and backward on meta tensors."""
     builds: dict[tuple[str, str], KernelBuild] = {}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    for dtype, w_dtype, allow_tf32 in REPORT_VARIANTS:
         # Uniform routing: token counts whose segments pick every BLOCK_M.
         for n_tokens in (2 ** p for p in range(6, 18)):
-            for launch in _recorded_launches(dtype, n_tokens):
-                build = _report_build(dtype, *launch)
+            for launch in _recorded_launches(dtype, w_dtype, allow_tf32, n_tokens):
+                build = _report_build(dtype, w_dtype, *launch)
                 builds.setdefault((build.name, build.config), build)
     return list(builds.values())

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..configs import MixtureConfig, MixtureLayout, plan
-from ..dtypes import accumulator_dtype
+from ..dtypes import accumulator_dtype, dot_precision
 from ..runtime import triton_interpreting
 from .kernels import INFO_COLUMNS, _expand_kernel, _shrink_kernel, _xty_kernel
 
@@ -152,10 +152,6 @@ def _weight_args(weights: Sequence[Tensor]) -> list[Tensor]:
     return ws + [ws[0]] * (8 - len(ws))
 
 
-def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
-
-
 def _expand(
     h: Tensor, weights: Sequence[Tensor], out: Tensor, bias: Tensor | None, gates: Tensor | None,
     table: BlockTable, binfo: Tensor, cfg_launch, layout: MixtureLayout, n_slots: int,
@@ -188,7 +184,8 @@ def forward(
     """y [N, d_out], the block table and h_pre [layout.h_size] (x's dtype, fully written).
 
     x [N, d_in]; gates [N, S] fp32 (fp64 for fp64 x); indices [N, S] int64; U[b] [n_b, d_out, r_b];
-    V[b] [n_b, r_b, d_in] (x's dtype, or fp32 under half x: cast per tile); b_dec [d_out].
+    V[b] [n_b, r_b, d_in] (x's dtype, or fp32 under half x: cast per tile); b_dec [d_out] (any
+    float dtype: read in the accumulation dtype). ``allow_tf32``: fp32 dots in TF32.
     """
     n_tokens, n_slots = indices.shape
     cfg = plan(n_tokens, n_slots, U, V, x.dtype)
@@ -198,7 +195,7 @@ def forward(
     x, gates, indices = x.contiguous(), gates.contiguous(), indices.contiguous()
     table = route(indices, gates, rank_of_t, layout)
     common = dict(N_BUCKETS=len(V), ACC=_acc(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
-                  PRECISION=_precision(x.dtype, allow_tf32))
+                  PRECISION=dot_precision(x.dtype, allow_tf32))
     h_pre = _empty((layout.h_size,), x.dtype, x.device)
     run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_fwd,
         x, *_weight_args(V), h_pre, h_pre, gates, gates, table.block_t, table.block_h,
@@ -247,7 +244,7 @@ def backward(
     binfo, _, n_items = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"], x.device)
     x, gates, grad_y = x.contiguous(), gates.contiguous(), grad_y.contiguous()
     common = dict(N_BUCKETS=len(V), ACC=_acc(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
-                  PRECISION=_precision(x.dtype, allow_tf32))
+                  PRECISION=dot_precision(x.dtype, allow_tf32))
     # Dropped pairs get no program: their gradient is the zero they start from.
     dgates = torch.zeros(n_tokens, n_slots, dtype=gates.dtype, device=x.device)
     dx = dU = dV = None

@@ -99,9 +99,11 @@ def test_matches_reference_other_dtypes(activation, dtype):
 
 
 def test_fp32_parameters_under_bf16_input():
-    """Parameters stay fp32; the matmul reads W rounded to bf16 (as autocast would), so the
-    reference sees that rounding (to nearest; triton 3.9's interpreter truncates instead, which
-    stays within the bf16 tolerance); gradients come back in each input's own dtype."""
+    """Parameters stay fp32; the forward's matmul reads W rounded to bf16 (as autocast would), so
+    the reference sees that rounding (to nearest; triton 3.9's interpreter truncates instead, which
+    stays within the bf16 tolerance); dx multiplies by W as stored (within the same tolerance of
+    the rounded W; tests/test_precision.py checks it against the unrounded one); gradients come
+    back in each input's own dtype."""
     x, W, b, lt = make_inputs(7, 24, 50, torch.bfloat16, w_dtype=torch.float32)
     seen = (x, W.bfloat16().float(), b, lt)
     check_against_reference(seen, 12, "jumprelu", TOLERANCE[torch.bfloat16],

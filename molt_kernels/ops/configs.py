@@ -261,9 +261,10 @@ def mixture_layout(
 
 def mixture_config(
     n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_in: int,
-    d_out: int, dtype: torch.dtype,
+    d_out: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
 ) -> MixtureConfig:
-    """Every launch parameter of the decode, from shapes and the input dtype."""
+    """Every launch parameter of the decode, from shapes, the input dtype and the weights' dtype
+    (None: the input's)."""
     kind = "half" if dtype in HALF else "full"
     layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype)
     m = layout.block_m
@@ -295,7 +296,14 @@ def mixture_config(
             launch = Launch(launch.tiles, WARPS, launch.num_stages)
         return launch
 
-    return MixtureConfig(layout, shrink(d_in), expand(d_out), shrink(d_out), expand(d_in),
+    shrink_bwd = shrink(d_out)
+    if weight_dtype is not None and weight_dtype.itemsize > elem:
+        # fp32 master weights under half x: the backward shrink casts each [BLOCK_K, BLOCK_R] tile
+        # of U (rank-contiguous, a runtime stride: loaded element by element) in registers, and a
+        # load pipeline keeps stages of it live: 2-3 stages spill 4-128 bytes on sm_80 and sm_90
+        # at every BLOCK_M, one stage none (gpu-report).
+        shrink_bwd = Launch(shrink_bwd.tiles, shrink_bwd.num_warps, 1)
+    return MixtureConfig(layout, shrink(d_in), expand(d_out), shrink_bwd, expand(d_in),
                          xty(d_out), xty(d_in))
 
 
@@ -308,4 +316,5 @@ def plan(
                          f"got {len(V)}")
     ranks = [v.shape[1] for v in V]
     counts = [v.shape[0] for v in V]
-    return mixture_config(n_tokens, n_slots, ranks, counts, V[0].shape[2], U[0].shape[1], dtype)
+    return mixture_config(n_tokens, n_slots, ranks, counts, V[0].shape[2], U[0].shape[1], dtype,
+                          U[0].dtype)

@@ -38,6 +38,9 @@ def kernel_weight_dtype(weight: torch.dtype, x: torch.dtype) -> torch.dtype:
     return weight if weight == x or (weight == torch.float32 and x in HALF) else x
 
 
+# Dynamo cannot trace the flag's C getter; it reads it once while tracing instead, and its global
+# state guard (which covers torch's TF32 flag, set through either API) recompiles when it changes.
+@torch.compiler.assume_constant_result
 def default_allow_tf32() -> bool:
     """Whether fp32 Triton dots may use TF32 when the caller does not say: exactly when torch lets
     its own fp32 CUDA matmuls use it (``torch.set_float32_matmul_precision("high")``,

@@ -1,11 +1,14 @@
 """Replacement-aware training: the straight-through estimator against its definition, the
 separation of the LM loss from the MOLTs' local objective, the schedule, and the small GPT."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from molt_kernels.interp.models.gpt import GPT, GPTMLP, GPTConfig, gpt_mlp_path
+from molt_kernels.interp.objective import output_weights
 from molt_kernels.interp.replace import get_module, replaced
 from molt_kernels.interp.replacement_aware import PhaseIn, ReplacementAware
 from molt_kernels.interp.train import TrainConfig
@@ -152,12 +155,105 @@ def test_molts_get_no_lm_gradient_and_the_model_no_local_gradient(setup):
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-15)
 
 
+def test_local_objective_is_the_weighted_mse_plus_the_sparsity_penalty(setup):
+    """The MOLTs' local objective carries the norm-scaled tanh penalty at the configured
+    coefficient, and its gradient (penalty included) reaches the MOLTs alone."""
+    model, molts, batch, _ = setup
+    coef = 0.05
+    cfg = TrainConfig(sparsity_coef=coef, sparsity_warmup_steps=1, init_from_data=False)
+    trainer = ReplacementAware(model, molts, molt_train=cfg)
+    own = list(model.parameters())
+    molt_params = [p for m in molts.values() for p in m.parameters()]
+    with trainer.installed():
+        trainer.begin_step(1)
+        model.loss(batch)
+        lasts = {path: w.last for path, w in trainer.wrappers.items()}
+        local = trainer.local_loss()
+    mse, penalty = 0.0, 0.0
+    for path, molt in molts.items():
+        last = lasts[path]
+        gates, indices = molt.encode(last.x)
+        torch.testing.assert_close(gates, last.gates, rtol=0, atol=0)
+        error = (molt.decode(last.x, gates, indices) - last.y).square()
+        mse = mse + (error * output_weights(last.y)).mean()
+        penalty = penalty + molt.sparsity_penalty(gates, indices, "tanh", 1.0)
+    assert penalty > 0
+    # The objective sums in float32 (objective.LayerObjective), whatever the MOLT's dtype.
+    torch.testing.assert_close(local, mse + coef * penalty, rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(local, own + molt_params, allow_unused=True)
+    assert all(g is None for g in grads[: len(own)])
+    # The penalty's share of the gradient is there: it differs from the MSE's alone.
+    mse_grads = torch.autograd.grad(mse, molt_params)
+    assert any(not torch.allclose(g, m) for g, m in zip(grads[len(own) :], mse_grads, strict=True))
+
+
+def test_sampled_replacement_runs_the_molt_or_the_mlp_per_layer():
+    torch.manual_seed(0)
+    model, molts, batch = tiny_gpt(), tiny_molts(), tokens()
+    with torch.no_grad():
+        plain = model(batch[:, :-1])
+        with replaced(model, molts):
+            spliced = model(batch[:, :-1])
+    trainer = ReplacementAware(
+        model, molts, PhaseIn(start=2, ramp_steps=4), TrainConfig(init_from_data=False),
+        sample=True,
+    )  # fmt: skip
+    draws = []
+    with torch.no_grad(), trainer.installed():
+        trainer.begin_step(1)  # weight 0: every layer runs its MLP
+        torch.testing.assert_close(model(batch[:, :-1]), plain, rtol=0, atol=0)
+        trainer.begin_step(6)  # weight 1: every layer runs its MOLT
+        torch.testing.assert_close(model(batch[:, :-1]), spliced, rtol=0, atol=0)
+        for _ in range(200):
+            trainer.begin_step(4)  # weight 0.5
+            draws.append([w.mix for w in trainer.wrappers.values()])
+    draws = torch.tensor(draws)
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    assert 0.4 < draws.mean() < 0.6
+    assert 0.1 < (draws[:, 0] != draws[:, 1]).double().mean()  # layers draw independently
+
+
+def test_consistency_term_pulls_only_the_mlps_towards_their_molts():
+    """consistency_loss() = w * a * MSE(F(sg x), sg M(sg x)) with the local objective's output
+    weights; its gradient reaches the replaced MLPs' parameters and nothing else."""
+    torch.manual_seed(0)
+    model, molts, batch = tiny_gpt(), tiny_molts(), tokens()
+    weight = 0.3
+    trainer = ReplacementAware(
+        model, molts, PhaseIn(start=1, ramp_steps=4), TrainConfig(init_from_data=False),
+        consistency=weight,
+    )  # fmt: skip
+    mlp_params = {id(p) for path in PATHS for p in get_module(model, path).parameters()}
+    own = list(model.parameters())
+    with trainer.installed():
+        trainer.begin_step(1)  # schedule weight 0: no pull yet
+        model.loss(batch)
+        assert trainer.consistency_loss().item() == 0.0
+        trainer.begin_step(3)  # schedule weight 0.5
+        model.loss(batch)
+        lasts = {path: w.last for path, w in trainer.wrappers.items()}
+        term = trainer.consistency_loss()
+    by_hand = 0.0
+    for path in PATHS:
+        last = lasts[path]
+        error = (get_module(model, path)(last.x) - last.pred.detach()).square()
+        by_hand = by_hand + weight * 0.5 * (error * output_weights(last.y)).mean()
+    torch.testing.assert_close(term, by_hand, rtol=1e-6, atol=0)  # float32 as the objective
+    molt_params = [p for m in molts.values() for p in m.parameters()]
+    grads = torch.autograd.grad(term, own + molt_params, allow_unused=True)
+    for p, g in zip(own + molt_params, grads, strict=True):
+        assert (g is not None and g.abs().sum() > 0) == (id(p) in mlp_params)
+
+
 def test_schedule_mixes_the_values():
     schedule = PhaseIn(start=10, ramp_steps=20)
     assert [schedule.weight(s) for s in (0, 9, 10, 20, 30, 99)] == [0, 0, 0, 0.5, 1, 1]
     assert PhaseIn(start=5).weight(5) == 1.0
+    assert [PhaseIn(0, 4, final=0.5).weight(s) for s in (0, 2, 4, 9)] == [0, 0.25, 0.5, 0.5]
     with pytest.raises(ValueError, match="start"):
         PhaseIn(start=-1)
+    with pytest.raises(ValueError, match="final"):
+        PhaseIn(final=0.0)
 
     torch.manual_seed(0)
     model, molts, batch = tiny_gpt(), tiny_molts(), tokens()
@@ -210,6 +306,8 @@ def test_bad_arguments():
         ReplacementAware(model, {PATHS[0]: nn.Linear(16, 16)})
     with pytest.raises(ValueError, match="at least one"):
         ReplacementAware(model, {})
+    with pytest.raises(ValueError, match="consistency"):
+        ReplacementAware(model, molts, consistency=-1.0)
     trainer = ReplacementAware(model, molts)
     with pytest.raises(RuntimeError, match="installed"):
         trainer.begin_step(1)
@@ -243,3 +341,17 @@ def test_gpt_is_causal_and_addressable():
         model(tokens(1, 13))
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(vocab_size=10, d_model=10, n_heads=3)
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig(vocab_size=10, dropout=1.0)
+
+
+def test_gpt_dropout_acts_in_training_mode_only():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, context=12, d_model=16, n_layers=2, n_heads=2, d_mlp=32)
+    plain, dropped = GPT(cfg), GPT(replace(cfg, dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())
+    batch = tokens(2, 12)
+    dropped.eval()
+    torch.testing.assert_close(dropped(batch), plain(batch), rtol=0, atol=0)
+    dropped.train()
+    assert not torch.allclose(dropped(batch), plain(batch))

@@ -6,6 +6,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 pytest.importorskip("tokenizers", reason="the corpus uses the MiniLM tokenizer (tokenizers)")
 pytest.importorskip(
@@ -15,7 +16,7 @@ pytest.importorskip(
 
 from molt_kernels.__main__ import main as cli_main  # noqa: E402
 from molt_kernels.interp.data import iter_texts  # noqa: E402
-from molt_kernels.interp.lm_data import load_pydoc_corpus, tiled_windows  # noqa: E402
+from molt_kernels.interp.lm_data import SEP_ID, load_pydoc_corpus, tiled_windows  # noqa: E402
 from molt_kernels.tools.studies import replacement_aware as study  # noqa: E402
 
 TINY = replace(
@@ -37,24 +38,28 @@ TINY = replace(
     molt_buckets=2,
     molt_k=2,
     dead_window_tokens=256,
+    dropout=0.1,
+    consistency=0.1,
 )
-HELDOUT_KEYS = {
+VARIANTS = {"sampled": {"sample_replacement": True, "finetune_steps": 5, "consistency": 0.0}}
+TEST_KEYS = {
     "ce_own", "ce_spliced_one", "ce_spliced_one_mean", "ce_spliced_all", "gap_one_mean",
     "gap_all", "molts",
 }  # fmt: skip
 MOLT_KEYS = {"fvu", "l0", "open_gates", "dead_fraction", "jacobian_cosine"}
 CURVE_KEYS = {
-    "step", "train_ce", "mix", "eval_step", "heldout_ce_own", "heldout_ce_all_spliced", "molt",
+    "step", "train_ce", "mix", "eval_step", "validation_ce_own", "validation_ce_all_spliced",
+    "molt",
 }  # fmt: skip
-COMPARISON_KEYS = {
-    "gap_closed_all", "gap_closed_one_mean", "gap_closed_all_vs_posthoc_own",
-    "own_ce_relative_change", "goal_met",
+GOAL_KEYS = {"gap_closed_all", "own_ce_relative_change", "goal_met"}
+COMPARISON_KEYS = GOAL_KEYS | {
+    "gap_closed_one_mean", "gap_closed_all_vs_posthoc_own", "validation",
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def report():
-    return study.run_study(TINY, progress=False, jobs=2)  # arm (b) in a worker process
+    return study.run_study(TINY, False, 2, VARIANTS)  # arm (b) in a worker process
 
 
 def test_report_schema(report):
@@ -62,17 +67,20 @@ def test_report_schema(report):
     report = json.loads(json.dumps(report, allow_nan=False))
     assert report["schema"] == study.SCHEMA
     assert set(report) == {
-        "schema", "config", "gpt", "molt", "data", "arms", "comparison", "goal", "environment",
+        "schema", "config", "gpt", "molt", "data", "arms", "comparison", "finetune_variants",
+        "goal", "environment",
     }  # fmt: skip
     assert report["config"]["steps"] == 30 and report["gpt"]["n_layers"] == 2
     assert set(report["arms"]) == set(study.ARMS)
     paths = ["blocks.0.mlp", "blocks.1.mlp"]
     for arm in report["arms"].values():
-        heldout = arm["heldout"]
-        assert set(heldout) == HELDOUT_KEYS
-        assert sorted(heldout["ce_spliced_one"]) == paths
-        assert math.isclose(heldout["gap_all"], heldout["ce_spliced_all"] - heldout["ce_own"])
-        for metrics in heldout["molts"].values():
+        test, validation = arm["test"], arm["validation"]
+        assert set(test) == TEST_KEYS
+        assert set(validation) == {"ce_own", "ce_spliced_all", "gap_all"}
+        assert sorted(test["ce_spliced_one"]) == paths
+        assert math.isclose(test["gap_all"], test["ce_spliced_all"] - test["ce_own"])
+        assert validation["ce_own"] != test["ce_own"]  # two different halves
+        for metrics in test["molts"].values():
             assert set(metrics) == MOLT_KEYS
             assert 0 < metrics["l0"] <= min(TINY.molt_k, metrics["open_gates"])
             assert 0 <= metrics["dead_fraction"] <= 1
@@ -83,6 +91,11 @@ def test_report_schema(report):
         assert len(curves["train_ce"]) == len(curves["step"]) == len(curves["mix"])
         for log in curves["molt"].values():
             assert len(log["fvu"]) == len(log["l0"]) == len(log["dead_fraction"]) > 0
+    (variant,) = report["finetune_variants"].values()
+    assert variant["overrides"] == VARIANTS["sampled"]
+    assert variant["arm"]["compute"]["lm_steps"] == 35
+    assert set(variant["arm"]["test"]) == TEST_KEYS
+    assert set(variant["comparison"]) == COMPARISON_KEYS
     arms = report["arms"]
     assert arms["posthoc"]["compute"] == arms["aware"]["compute"]  # equal compute
     assert arms["aware_finetune"]["compute"]["lm_steps"] == 40
@@ -90,13 +103,17 @@ def test_report_schema(report):
     assert arms["aware"]["curves"]["mix"][-1] == 1.0
     assert set(report["comparison"]) == {"aware", "aware_finetune"}
     for cmp in report["comparison"].values():
-        assert set(cmp) == COMPARISON_KEYS
-    assert report["data"]["heldout_tokens"] > 0 and report["environment"]["jobs"] == 2
+        assert set(cmp) == COMPARISON_KEYS and set(cmp["validation"]) == GOAL_KEYS
+    data = report["data"]
+    assert data["validation_scored_tokens"] + data["test_scored_tokens"] <= data["heldout_tokens"]
+    assert data["validation_scored_tokens"] > 0 and data["test_scored_tokens"] > 0
+    assert report["environment"]["jobs"] == 2
 
 
 def test_table_and_plot(report, tmp_path):
     table = study.summary_table(report)
-    assert len(table.splitlines()) == 2 + len(study.ARMS)
+    assert len(table.splitlines()) == 2 + len(study.ARMS) + 1  # and the variant
+    assert "aware_finetune sampled" in table
     study.plot(report, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -110,8 +127,27 @@ def test_cli_dispatch_and_settings(capsys):
     assert exit_info.value.code == 0
     assert study._setting("molt_k=3") == ("molt_k", 3)
     assert study._setting("lr=1e-3") == ("lr", 1e-3)
+    assert study._setting("sample_replacement=1") == ("sample_replacement", True)
+    assert study._variant("low:finetune_lr=3e-4,phase_in_final=0.5") == (
+        "low",
+        {"finetune_lr": 3e-4, "phase_in_final": 0.5},
+    )
+    with pytest.raises(Exception, match="fine-tune variant sets only"):
+        study._variant("bad:steps=10")
+    with pytest.raises(ValueError, match="may set only"):
+        study.run_study(TINY, False, 1, {"bad": {"seed": 1}})
     with pytest.raises(Exception, match="FIELD=VALUE"):
         study._setting("no_such_field=1")
+
+
+def test_heldout_halves_are_disjoint_texts():
+    corpus = load_pydoc_corpus(heldout_fraction=0.1, seed=0)
+    validation, test = study.split_heldout(corpus.heldout)
+    torch.testing.assert_close(torch.cat([validation, test]), corpus.heldout, rtol=0, atol=0)
+    assert validation[-1] == SEP_ID  # the cut is at a text boundary
+    assert abs(len(validation) - len(test)) < 0.2 * len(corpus.heldout)
+    with pytest.raises(ValueError, match="at least 2 texts"):
+        study.split_heldout(torch.tensor([5, 6, SEP_ID]))
 
 
 def test_corpus_layout_and_tiled_windows_cover_each_token_once():

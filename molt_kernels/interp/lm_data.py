@@ -20,6 +20,7 @@ from .data import iter_texts
 from .models.minilm import load_minilm_tokenizer
 
 UNK, SEP = "[UNK]", "[SEP]"
+UNK_ID, SEP_ID = 0, 1  # their ids in every TokenCorpus vocabulary
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class TokenCorpus:
     @property
     def heldout_unk_fraction(self) -> float:
         """Share of held-out tokens that never occur in the training part (mapped to [UNK])."""
-        return (self.heldout == 0).double().mean().item()
+        return (self.heldout == UNK_ID).double().mean().item()
 
 
 def load_pydoc_corpus(
@@ -68,14 +69,13 @@ def load_pydoc_corpus(
 
     seen = sorted({i for ids in train_ids for i in ids})
     vocab = (UNK, SEP, *(tokenizer.id_to_token(i) for i in seen))
-    remap = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.int64)  # unseen -> [UNK] (0)
+    remap = torch.full((tokenizer.get_vocab_size(),), UNK_ID, dtype=torch.int64)  # unseen
     remap[torch.tensor(seen)] = torch.arange(2, len(vocab))
 
     def stream(chunks: list[list[int]]) -> Tensor:
-        sep = 1
         joined = [i for ids in chunks for i in (*ids, -1)]  # -1 marks a chunk boundary
         ids = torch.tensor(joined, dtype=torch.int64)
-        return torch.where(ids < 0, sep, remap[ids.clamp_min(0)])
+        return torch.where(ids < 0, SEP_ID, remap[ids.clamp_min(0)])
 
     return TokenCorpus(
         train=stream(train_ids),

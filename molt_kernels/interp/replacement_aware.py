@@ -27,6 +27,18 @@ gradients exactly as two separate backward passes would. MOLT optimisation follo
 ``train.TrainConfig`` (AdamW, learning-rate and sparsity warm-up, data-aware init on the first
 batch, dead-gate reopening).
 
+Two optional variants, both off by default:
+
+- ``sample=True`` replaces the blend by a draw: at each step each layer independently runs its
+  MOLT (``a = 1``) with probability equal to the schedule's weight, else its MLP (``a = 0``),
+  as quantization noise (Fan et al., 2020) quantizes a random part of the weights each step; in
+  expectation the forward value is the blend's. The model keeps training through its own MLPs
+  on part of the steps, so their own loss is trained as well as the spliced model's.
+- ``consistency=w`` adds ``w * a * MSE(F(sg(x)), sg(M(sg(x))))`` (the local objective's output
+  weighting, ``a`` the schedule's weight) to ``consistency_loss()``: a pull of each MLP's
+  parameters towards its MOLT's output that involves no language-model loss and no gradient
+  into the MOLT or into the MLP's input.
+
 Usage (build the model's optimizer *before* installing: while installed, ``model.parameters()``
 also yields the MOLTs' parameters)::
 
@@ -35,7 +47,7 @@ also yields the MOLTs' parameters)::
     with trainer.installed():
         for step in range(1, n_steps + 1):
             trainer.begin_step(step)
-            loss = lm_loss(model, batch) + trainer.local_loss()
+            loss = lm_loss(model, batch) + trainer.local_loss() + trainer.consistency_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -61,30 +73,35 @@ from .train import TrainConfig, TrainLog, init_from_data, reopen_dead
 
 @dataclass(frozen=True)
 class PhaseIn:
-    """Mixing weight of the replacement over steps: 0 before ``start``, rising linearly to 1 over
-    ``ramp_steps`` steps after it (``ramp_steps=0``: jumps to 1 at ``start``)."""
+    """Mixing weight of the replacement over steps: 0 before ``start``, rising linearly to
+    ``final`` over ``ramp_steps`` steps after it (``ramp_steps=0``: jumps to ``final`` at
+    ``start``). ``final`` < 1 keeps a ``1 - final`` share of the MLP to the end."""
 
     start: int = 0
     ramp_steps: int = 0
+    final: float = 1.0
 
     def __post_init__(self) -> None:
         if self.start < 0 or self.ramp_steps < 0:
             raise ValueError(f"PhaseIn start and ramp_steps must be >= 0, got {self}")
+        if not 0.0 < self.final <= 1.0:
+            raise ValueError(f"PhaseIn final must be in (0, 1], got {self.final!r}")
 
     def weight(self, step: int) -> float:
         if step < self.start:
             return 0.0
         if self.ramp_steps == 0:
-            return 1.0
-        return min(1.0, (step - self.start) / self.ramp_steps)
+            return self.final
+        return self.final * min(1.0, (step - self.start) / self.ramp_steps)
 
 
 @dataclass
 class LocalBatch:
     """What one forward of a :class:`StraightThroughMOLT` leaves for the MOLT's update:
     the detached MLP input x [n, d_in] and output y [n, d_out], the MOLT's local objective
-    (0-d) and output pred [n, d_out] (both with grad to its parameters only) and its
-    (gates, indices) [n, k]."""
+    (0-d) and output pred [n, d_out] (both with grad to its parameters only), its
+    (gates, indices) [n, k], and the consistency term (0-d, grad to the MLP's parameters only;
+    None when its weight is 0)."""
 
     x: Tensor
     y: Tensor
@@ -92,6 +109,7 @@ class LocalBatch:
     pred: Tensor
     gates: Tensor
     indices: Tensor
+    consistency: Tensor | None
 
 
 class StraightThroughMOLT(nn.Module):
@@ -113,6 +131,7 @@ class StraightThroughMOLT(nn.Module):
         self.standardize = cfg.standardize_outputs
         self.mix = 1.0
         self.sparsity_coef = 0.0
+        self.consistency_weight = 0.0
         self.needs_init = needs_init
         self.last: LocalBatch | None = None
 
@@ -131,7 +150,13 @@ class StraightThroughMOLT(nn.Module):
             self.needs_init = False
         self.objective.out_weight = output_weights(y_local, self.standardize)
         loss, pred, gates, indices = self.objective(x_local, y_local, cfg.k, self.sparsity_coef)
-        self.last = LocalBatch(x_local, y_local, loss, pred, gates, indices)
+        consistency = None
+        if self.consistency_weight > 0:
+            # The MLP again on its detached input: the pull moves its parameters only.
+            own = self.mlp(x.detach()).reshape(y_local.shape).float()
+            error = (own - pred.detach().float()).square() * self.objective.out_weight
+            consistency = self.consistency_weight * error.mean()
+        self.last = LocalBatch(x_local, y_local, loss, pred, gates, indices, consistency)
         value = pred.detach().reshape(y.shape)
         if self.mix != 1.0:
             value = self.mix * value + (1.0 - self.mix) * y.detach()
@@ -145,6 +170,9 @@ class ReplacementAware:
         model: the model; its MLPs at ``molts``' paths stay the trained ("master") modules.
         molts: ``{mlp path: MOLT}``; each MOLT maps the MLP's input width to its output width.
         schedule: the mixing weight of the replacement by step.
+        sample: draw each layer's replacement per step (probability = the weight) instead of
+            blending (module docstring).
+        consistency: weight of the MLP-to-MOLT consistency term (module docstring); 0: none.
         molt_train: the MOLTs' optimisation (``lr``, ``weight_decay``, warm-ups, sparsity,
             ``init_from_data``, ``revive_every``, ``dead_window_tokens``, ``log_every``);
             ``steps`` is the length of the run (it sets the default sparsity warm-up);
@@ -160,6 +188,8 @@ class ReplacementAware:
         molts: Mapping[str, MOLT],
         schedule: PhaseIn | None = None,
         molt_train: TrainConfig | None = None,
+        sample: bool = False,
+        consistency: float = 0.0,
     ) -> None:
         if not molts:
             raise ValueError("molts must name at least one MLP path")
@@ -167,10 +197,15 @@ class ReplacementAware:
             if not isinstance(molt, MOLT):
                 raise TypeError(f"molts[{path!r}] must be a MOLT, got {type(molt).__name__}")
             get_module(model, path)  # a bad path fails here, naming it
+        if consistency < 0:
+            raise ValueError(f"consistency must be >= 0, got {consistency!r}")
         self.model = model
         self.molts = dict(molts)
         self.schedule = schedule or PhaseIn()
         self.cfg = molt_train or TrainConfig()
+        self.sample, self.consistency = sample, consistency
+        # Draws of the sampled replacement: seeded, and apart from the global generator.
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
         params = [p for molt in self.molts.values() for p in molt.parameters()]
         self.optimizer = torch.optim.AdamW(
             params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
@@ -199,20 +234,26 @@ class ReplacementAware:
             self.wrappers = {}
 
     def mix(self) -> float:
-        """The replacement's mixing weight at the current step."""
+        """The replacement's mixing weight at the current step (with ``sample``: the
+        probability that a layer runs its MOLT)."""
         return self.schedule.weight(self.step)
 
     def begin_step(self, step: int) -> None:
-        """Set the step (from 1), its mixing weight, sparsity coefficient and MOLT learning rate
-        (linear warm-ups as in ``train.train``)."""
+        """Set the step (from 1), its mixing weight (or each layer's draw), sparsity coefficient
+        and MOLT learning rate (linear warm-ups as in ``train.train``)."""
         if not self.wrappers:
             raise RuntimeError("begin_step needs the trainer installed (with trainer.installed())")
         cfg = self.cfg
         self.step = step
         warmup = cfg.sparsity_warmup_steps
         warmup = max(1, cfg.steps // 5) if warmup is None else warmup
+        weight = self.mix()
         for wrapper in self.wrappers.values():
-            wrapper.mix = self.mix()
+            if self.sample:
+                wrapper.mix = float(torch.rand((), generator=self.generator).item() < weight)
+            else:
+                wrapper.mix = weight
+            wrapper.consistency_weight = self.consistency * weight
             wrapper.sparsity_coef = cfg.sparsity_coef * linear_warmup(step, warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step - 1, cfg.steps, cfg.lr_warmup_steps, "constant")
@@ -227,6 +268,13 @@ class ReplacementAware:
             losses.append(wrapper.last.loss)
         self._loss_taken = True
         return torch.stack(losses).sum()
+
+    def consistency_loss(self) -> Tensor:
+        """Sum of every layer's consistency term on the last forward (0-d; its graph reaches the
+        MLPs' parameters only); zero when the weight or the schedule's weight is 0."""
+        terms = [w.last.consistency for w in self.wrappers.values() if w.last is not None]
+        terms = [t for t in terms if t is not None]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def end_step(self) -> None:
         """After ``backward``: step the MOLTs' optimizer, reopen dead gates, log, clear grads."""

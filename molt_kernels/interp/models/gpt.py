@@ -3,11 +3,13 @@
 Pre-LayerNorm decoder blocks (``h = h + attn(ln1(h)); h = h + mlp(ln2(h))``), learned
 positional embeddings, causal multi-head attention through ``F.scaled_dot_product_attention``,
 a tanh-GELU MLP and an output head tied to the token embedding -- GPT-2's layout, small enough to
-train from scratch on the CPU for the replacement-aware study.
+train from scratch on the CPU for the replacement-aware study. Optional dropout (GPT-2's places:
+on the embeddings and on each sublayer's output before it is added to the residual stream) acts
+only in training mode.
 
 Every block's MLP is its own submodule computing exactly ``down(gelu(up(x)))`` (no residual, no
-norm), so replacing it is a plain module swap at ``gpt_mlp_path(layer)`` ==
-``"blocks.{layer}.mlp"`` (see ``molt_kernels.interp.replace``).
+norm, no dropout: that sits in the block), so replacing it is a plain module swap at
+``gpt_mlp_path(layer)`` == ``"blocks.{layer}.mlp"`` (see ``molt_kernels.interp.replace``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Architecture of a :class:`GPT`; ``d_model`` must be divisible by ``n_heads``."""
+    """Architecture of a :class:`GPT`; ``d_model`` must be divisible by ``n_heads``;
+    ``dropout`` in [0, 1)."""
 
     vocab_size: int
     context: int = 64
@@ -30,6 +33,7 @@ class GPTConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_mlp: int = 512
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context", "d_model", "n_layers", "n_heads", "d_mlp"):
@@ -40,6 +44,8 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
             )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class GPTMLP(nn.Module):
@@ -80,10 +86,11 @@ class GPTBlock(nn.Module):
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = GPTMLP(cfg.d_model, cfg.d_mlp)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h: Tensor) -> Tensor:
-        h = h + self.attn(self.ln1(h))
-        return h + self.mlp(self.ln2(h))
+        h = h + self.drop(self.attn(self.ln1(h)))
+        return h + self.drop(self.mlp(self.ln2(h)))
 
 
 class GPT(nn.Module):
@@ -96,6 +103,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.position_embedding = nn.Embedding(cfg.context, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.reset_parameters()
@@ -121,7 +129,7 @@ class GPT(nn.Module):
                 f"{tuple(input_ids.shape)}"
             )
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        h = self.token_embedding(input_ids) + self.position_embedding(pos)
+        h = self.drop(self.token_embedding(input_ids) + self.position_embedding(pos))
         for block in self.blocks:
             h = block(h)
         return self.ln_f(h) @ self.token_embedding.weight.T

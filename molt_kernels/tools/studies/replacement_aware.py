@@ -32,9 +32,9 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ...interp.activations import Hookpoints
 from ...interp.lm_data import (
+    SEP_ID,
     TokenCorpus,
     load_pydoc_corpus,
     random_windows,
@@ -65,7 +66,7 @@ from ...interp.train import TrainConfig, TrainLog, train
 from ...layers.config import MOLTConfig, paper_rank_counts
 from ...layers.molt import MOLT
 
-SCHEMA = "molt_kernels.study.replacement_aware/1"
+SCHEMA = "molt_kernels.study.replacement_aware/2"
 ARMS = ("posthoc", "aware", "aware_finetune")
 GOAL_GAP_CLOSED = 0.55
 GOAL_OWN_CE_INCREASE = 0.02
@@ -80,6 +81,7 @@ class StudyConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_mlp: int = 512
+    dropout: float = 0.0  # GPT-2's places; the same in every arm
     context: int = 64
     batch: int = 16
     steps: int = 800
@@ -92,18 +94,23 @@ class StudyConfig:
     molt_buckets: int = 4
     molt_k: int = 2
     molt_lr: float = 3e-3
-    sparsity_coef: float = 0.0  # top-k alone holds L0 at k in every arm
+    # train.TrainConfig's default tanh penalty (about 1-2% of a well-fitted MOLT's local loss);
+    # the top-k still holds L0 at k, so every arm has the same L0.
+    sparsity_coef: float = 3e-3
     dead_window_tokens: int = 16384
     # replacement-aware schedule: mixing weight 0 until start, then linear ramp to 1
     phase_in_start: float = 0.1  # fractions of steps (of finetune_steps for (c))
     phase_in_ramp: float = 0.3
+    phase_in_final: float = 1.0  # the mixing weight at the end of the ramp
+    sample_replacement: bool = False  # draw MOLT-or-MLP per layer and step (ReplacementAware)
+    consistency: float = 0.0  # weight of the MLP-to-MOLT consistency term (ReplacementAware)
     finetune_steps: int = 200
     finetune_lr: float = 1e-3
     # measurement
     log_every: int = 25
     eval_every: int = 100
     capture_tokens: int = 65536
-    heldout_tokens: int = 0  # evaluate on the first this many held-out tokens; 0: all
+    heldout_tokens: int = 0  # evaluate on the first this many tokens of each half; 0: all
     jacobian_tokens: int = 128
     seed: int = 0
 
@@ -115,6 +122,7 @@ class StudyConfig:
             n_layers=self.n_layers,
             n_heads=self.n_heads,
             d_mlp=self.d_mlp,
+            dropout=self.dropout,
         )
 
     def molt(self) -> MOLTConfig:
@@ -140,6 +148,14 @@ class StudyConfig:
         return [gpt_mlp_path(i) for i in range(self.n_layers)]
 
 
+# What a fine-tune variant may change: everything else defines (a), which the variants share.
+FINETUNE_FIELDS = frozenset(
+    {
+        "finetune_steps", "finetune_lr", "phase_in_start", "phase_in_ramp", "phase_in_final",
+        "sample_replacement", "consistency",
+    }
+)  # fmt: skip
+
 QUICK = StudyConfig()
 FULL = replace(QUICK, steps=3000, finetune_steps=600, eval_every=250, log_every=50)
 
@@ -152,27 +168,49 @@ class Curves:
     train_ce: list[float] = field(default_factory=list)  # mean since the previous point
     mix: list[float] = field(default_factory=list)
     eval_step: list[int] = field(default_factory=list)
-    heldout_ce_own: list[float] = field(default_factory=list)
-    heldout_ce_all_spliced: list[float | None] = field(default_factory=list)
+    validation_ce_own: list[float] = field(default_factory=list)
+    validation_ce_all_spliced: list[float | None] = field(default_factory=list)
     molt: dict[str, TrainLog] = field(default_factory=dict)
 
 
 # -- training --------------------------------------------------------------------------------
 
 
-def heldout_windows(corpus: TokenCorpus, cfg: StudyConfig) -> Tensor:
-    """The held-out windows every evaluation scores: [n, context + 1] int64."""
-    tokens = corpus.heldout[: cfg.heldout_tokens or None]
-    return tiled_windows(tokens, cfg.context + 1)
+def split_heldout(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The held-out stream [n] cut after the [SEP] (id 1) nearest its middle: (validation, test),
+    two halves with no text in common."""
+    ends = (tokens == SEP_ID).nonzero().flatten()
+    if len(ends) < 2:
+        raise ValueError(f"the held-out stream needs at least 2 texts, got {len(ends)}")
+    cut = int(ends[(ends - tokens.numel() // 2).abs().argmin().clamp_max(len(ends) - 2)]) + 1
+    return tokens[:cut], tokens[cut:]
+
+
+def heldout_windows(corpus: TokenCorpus, cfg: StudyConfig) -> tuple[Tensor, Tensor]:
+    """The (validation, test) windows [n, context + 1] int64: training curves (and any choice
+    between variants) use the validation half, the final report the test half."""
+    halves = split_heldout(corpus.heldout)
+    return tuple(tiled_windows(h[: cfg.heldout_tokens or None], cfg.context + 1) for h in halves)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout), its previous mode restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
 def heldout_ce(
     model: GPT, windows: Tensor, swap: Mapping[str, nn.Module] | None = None, batch: int = 64
 ) -> float:
-    """Mean next-token CE (nats) over windows [n, T + 1], with ``swap`` ({path: module})
-    installed in place of the modules there."""
-    with replaced(model, swap or {}):
+    """Mean next-token CE (nats) over windows [n, T + 1] in eval mode, with ``swap``
+    ({path: module}) installed in place of the modules there."""
+    with evaluating(model), replaced(model, swap or {}):
         total = sum(model.loss(w).item() * len(w) for w in windows.split(batch))
     return total / len(windows)
 
@@ -198,7 +236,8 @@ def train_lm(
         model.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
     )
     params = list(model.parameters())
-    heldout = heldout_windows(corpus, cfg)
+    validation, _ = heldout_windows(corpus, cfg)
+    model.train()
     bar = tqdm(total=steps, desc=label, disable=not progress, mininterval=10, ascii=True)
     interval: list[float] = []  # LM losses since the last log point
     with aware.installed() if aware is not None else nullcontext():
@@ -226,28 +265,23 @@ def train_lm(
                 bar.set_postfix(ce=f"{curves.train_ce[-1]:.3f}", refresh=False)
                 interval = []
             if step % cfg.eval_every == 0 or step == steps:
-                _eval_point(model, heldout, cfg, curves, step, aware)
+                _eval_point(model, validation, curves, step, aware)
             bar.update(1)
     bar.close()
 
 
 def _eval_point(
-    model: GPT,
-    heldout: Tensor,
-    cfg: StudyConfig,
-    curves: Curves,
-    step: int,
-    aware: ReplacementAware | None,
+    model: GPT, validation: Tensor, curves: Curves, step: int, aware: ReplacementAware | None
 ) -> None:
-    """Held-out CE with the MLPs, and (aware runs) with every MOLT spliced, at this step."""
+    """Validation CE with the MLPs, and (aware runs) with every MOLT spliced, at this step."""
     curves.eval_step.append(step)
     if aware is None:
-        curves.heldout_ce_own.append(heldout_ce(model, heldout))
-        curves.heldout_ce_all_spliced.append(None)  # no MOLTs during plain pretraining
+        curves.validation_ce_own.append(heldout_ce(model, validation))
+        curves.validation_ce_all_spliced.append(None)  # no MOLTs during plain pretraining
         return
     mlps = {path: wrapper.mlp for path, wrapper in aware.wrappers.items()}
-    curves.heldout_ce_own.append(heldout_ce(model, heldout, mlps))
-    curves.heldout_ce_all_spliced.append(heldout_ce(model, heldout, aware.molts))
+    curves.validation_ce_own.append(heldout_ce(model, validation, mlps))
+    curves.validation_ce_all_spliced.append(heldout_ce(model, validation, aware.molts))
 
 
 @torch.no_grad()
@@ -261,7 +295,7 @@ def capture_mlp_pairs(
     for w in windows.split(batch):
         if seen >= max_tokens:
             break
-        with Hookpoints(model, paths) as hooks:
+        with evaluating(model), Hookpoints(model, paths) as hooks:
             model(w[:, :-1])
         for path, (x, y) in hooks.records.items():
             parts[path].append((x.flatten(0, -2), y.flatten(0, -2)))
@@ -323,9 +357,17 @@ def molt_metrics(molt: MOLT, mlp: nn.Module, x: Tensor, y: Tensor, n_jacobian: i
 
 def evaluate_arm(
     model: GPT, molts: Mapping[str, MOLT], corpus: TokenCorpus, cfg: StudyConfig
-) -> dict[str, Any]:
-    """Held-out CE (own, each MLP spliced alone, all spliced) and per-MOLT metrics."""
-    windows = heldout_windows(corpus, cfg)
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """(test, validation): on the test half, CE (own, each MLP spliced alone, all spliced) and
+    per-MOLT metrics; on the validation half, CE own and all spliced and their gap."""
+    validation, windows = heldout_windows(corpus, cfg)
+    own_validation = heldout_ce(model, validation)
+    all_validation = heldout_ce(model, validation, molts)
+    checked = {
+        "ce_own": own_validation,
+        "ce_spliced_all": all_validation,
+        "gap_all": all_validation - own_validation,
+    }
     own = heldout_ce(model, windows)
     one = {path: heldout_ce(model, windows, {path: molt}) for path, molt in molts.items()}
     every = heldout_ce(model, windows, molts)
@@ -335,7 +377,7 @@ def evaluate_arm(
         for path, molt in molts.items()
     }
     one_mean = sum(one.values()) / len(one)
-    return {
+    test = {
         "ce_own": own,
         "ce_spliced_one": one,
         "ce_spliced_one_mean": one_mean,
@@ -344,22 +386,21 @@ def evaluate_arm(
         "gap_all": every - own,
         "molts": per_molt,
     }
+    return test, checked
 
 
-def compare(baseline: dict, arm: dict) -> dict[str, Any]:
-    """Gap-closed fractions of ``arm`` against the post-hoc ``baseline`` and the goal check.
-    A fraction is None when the baseline's gap is not positive (nothing to close)."""
+def _closed(gap_baseline: float, gap_arm: float) -> float | None:
+    """(gap_baseline - gap_arm) / gap_baseline; None when there is no gap to close."""
+    return (gap_baseline - gap_arm) / gap_baseline if gap_baseline > 0 else None
 
-    def closed(gap_baseline: float, gap_arm: float) -> float | None:
-        return (gap_baseline - gap_arm) / gap_baseline if gap_baseline > 0 else None
 
-    gap_a = baseline["gap_all"]
-    gap_closed = closed(gap_a, arm["gap_all"])
+def goal_check(baseline: Mapping[str, Any], arm: Mapping[str, Any]) -> dict[str, Any]:
+    """The all-layer gap closed by ``arm`` over the post-hoc ``baseline``, its own CE's relative
+    change, and whether both meet the goal (from dicts with ce_own and gap_all)."""
+    gap_closed = _closed(baseline["gap_all"], arm["gap_all"])
     own_change = arm["ce_own"] / baseline["ce_own"] - 1.0
     return {
         "gap_closed_all": gap_closed,
-        "gap_closed_one_mean": closed(baseline["gap_one_mean"], arm["gap_one_mean"]),
-        "gap_closed_all_vs_posthoc_own": closed(gap_a, arm["ce_spliced_all"] - baseline["ce_own"]),
         "own_ce_relative_change": own_change,
         "goal_met": gap_closed is not None
         and gap_closed >= GOAL_GAP_CLOSED
@@ -367,19 +408,39 @@ def compare(baseline: dict, arm: dict) -> dict[str, Any]:
     }
 
 
+def compare(baseline: Mapping[str, Any], arm: Mapping[str, Any]) -> dict[str, Any]:
+    """``arm``'s results against the post-hoc ``baseline`` (both from :func:`_arm_result`): on
+    the test half the goal check and the one-layer and "from a's own CE" gap-closed fractions;
+    on the validation half the goal check alone (what a choice between variants may use)."""
+    test_a, test_x = baseline["test"], arm["test"]
+    spliced_vs_a_own = test_x["ce_spliced_all"] - test_a["ce_own"]
+    return {
+        **goal_check(test_a, test_x),
+        "gap_closed_one_mean": _closed(test_a["gap_one_mean"], test_x["gap_one_mean"]),
+        "gap_closed_all_vs_posthoc_own": _closed(test_a["gap_all"], spliced_vs_a_own),
+        "validation": goal_check(baseline["validation"], arm["validation"]),
+    }
+
+
 # -- the study -------------------------------------------------------------------------------
 
 
 def _arm_result(
-    description: str, compute: dict, seconds: float, heldout: dict, curves: Curves
+    description: str,
+    compute: dict,
+    seconds: float,
+    evaluated: tuple[dict[str, Any], dict[str, float]],
+    curves: Curves,
 ) -> dict[str, Any]:
     curve_dict = asdict(curves)
     curve_dict["molt"] = {path: asdict(log) for path, log in curves.molt.items()}
+    test, validation = evaluated
     return {
         "description": description,
         "compute": compute,
         "seconds": seconds,
-        "heldout": heldout,
+        "test": test,
+        "validation": validation,
         "curves": curve_dict,
     }
 
@@ -416,7 +477,7 @@ def aware_arm(cfg: StudyConfig, progress: bool, threads: int | None = None) -> d
     model = GPT(cfg.gpt(len(corpus.vocab)))
     torch.manual_seed(cfg.seed + 1)
     molts = {path: MOLT(cfg.molt()) for path in cfg.mlp_paths}
-    aware = ReplacementAware(model, molts, _phase_in(cfg, cfg.steps), cfg.molt_train(cfg.steps))
+    aware = _trainer(cfg, model, molts, cfg.steps, cfg.molt_train(cfg.steps))
     curves = Curves(molt=aware.logs)
     train_lm(model, corpus, cfg, cfg.steps, cfg.lr, "(b) aware", curves, aware, progress)
     return _arm_result(
@@ -440,12 +501,8 @@ def finetune_arm(
     seconds include (a)'s."""
     start = time.perf_counter()
     model, molts = copy.deepcopy(model), copy.deepcopy(dict(molts))
-    aware = ReplacementAware(
-        model,
-        molts,
-        _phase_in(cfg, cfg.finetune_steps),
-        cfg.molt_train(cfg.finetune_steps, init_from_data=False, sparsity_warmup_steps=1),
-    )
+    molt_train = cfg.molt_train(cfg.finetune_steps, init_from_data=False, sparsity_warmup_steps=1)
+    aware = _trainer(cfg, model, molts, cfg.finetune_steps, molt_train)
     curves = Curves(molt=aware.logs)
     train_lm(
         model, corpus, cfg, cfg.finetune_steps, cfg.finetune_lr, "(c) fine-tune", curves,
@@ -460,27 +517,54 @@ def finetune_arm(
     )
 
 
-def run_study(cfg: StudyConfig, progress: bool = True, jobs: int = 1) -> dict[str, Any]:
+def run_study(
+    cfg: StudyConfig,
+    progress: bool = True,
+    jobs: int = 1,
+    finetune_variants: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Run the three arms and return the JSON-ready report. With ``jobs`` >= 2, arm (b) runs in
-    a second process (one torch thread each) while (a) and then (c) run here."""
+    a second process (one torch thread each) while (a) and then (c) run here.
+
+    ``finetune_variants`` ({name: {field: value}}, fields from ``FINETUNE_FIELDS``): after (c),
+    one more fine-tune of (a)'s model and MOLTs per entry, with those fields overridden, under
+    ``report["finetune_variants"][name]`` (a variant costs a fine-tune, not a whole study)."""
+    variants = {name: dict(overrides) for name, overrides in (finetune_variants or {}).items()}
+    for name, overrides in variants.items():
+        unknown = set(overrides) - FINETUNE_FIELDS
+        if unknown:
+            raise ValueError(
+                f"finetune variant {name!r} may set only {sorted(FINETUNE_FIELDS)}, got "
+                f"{sorted(unknown)}"
+            )
     start = time.perf_counter()
     load_before = os.getloadavg()
     corpus = load_pydoc_corpus(seed=cfg.seed)
     arms: dict[str, dict[str, Any]] = {}
+
+    def finetunes(model_a: GPT, molts_a: Mapping[str, MOLT]) -> dict[str, dict[str, Any]]:
+        settings = {"aware_finetune": cfg} | {
+            name: replace(cfg, **overrides) for name, overrides in variants.items()
+        }
+        return {
+            name: finetune_arm(c, corpus, arms["posthoc"], model_a, molts_a, progress)
+            for name, c in settings.items()
+        }
+
     if jobs >= 2:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=context) as pool:
             aware = pool.submit(aware_arm, cfg, progress, torch.get_num_threads())
             arms["posthoc"], model_a, molts_a = posthoc_arm(cfg, corpus, progress)
-            finetune = finetune_arm(cfg, corpus, arms["posthoc"], model_a, molts_a, progress)
+            finetuned = finetunes(model_a, molts_a)
             arms["aware"] = aware.result()
     else:
         arms["posthoc"], model_a, molts_a = posthoc_arm(cfg, corpus, progress)
         arms["aware"] = aware_arm(cfg, progress)
-        finetune = finetune_arm(cfg, corpus, arms["posthoc"], model_a, molts_a, progress)
-    arms["aware_finetune"] = finetune
+        finetuned = finetunes(model_a, molts_a)
+    arms["aware_finetune"] = finetuned.pop("aware_finetune")
+    validation, test = (w[:, 1:] for w in heldout_windows(corpus, cfg))
 
-    baseline = arms["posthoc"]["heldout"]
     return {
         "schema": SCHEMA,
         "config": asdict(cfg),
@@ -489,6 +573,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, jobs: int = 1) -> dict[st
         "data": {
             "train_tokens": corpus.train.numel(),
             "heldout_tokens": corpus.heldout.numel(),
+            "validation_scored_tokens": validation.numel(),
+            "test_scored_tokens": test.numel(),
             "vocab_size": len(corpus.vocab),
             "heldout_unk_fraction": corpus.heldout_unk_fraction,
             "n_train_texts": corpus.n_train_texts,
@@ -496,7 +582,15 @@ def run_study(cfg: StudyConfig, progress: bool = True, jobs: int = 1) -> dict[st
         },
         "arms": arms,
         "comparison": {
-            arm: compare(baseline, arms[arm]["heldout"]) for arm in ("aware", "aware_finetune")
+            arm: compare(arms["posthoc"], arms[arm]) for arm in ("aware", "aware_finetune")
+        },
+        "finetune_variants": {
+            name: {
+                "overrides": variants[name],
+                "arm": result,
+                "comparison": compare(arms["posthoc"], result),
+            }
+            for name, result in finetuned.items()
         },
         "goal": {
             "gap_closed_all": GOAL_GAP_CLOSED,
@@ -526,29 +620,43 @@ def _compute(cfg: StudyConfig, steps: int) -> dict[str, int]:
     }
 
 
-def _phase_in(cfg: StudyConfig, steps: int) -> PhaseIn:
-    return PhaseIn(round(cfg.phase_in_start * steps), round(cfg.phase_in_ramp * steps))
+def _trainer(
+    cfg: StudyConfig,
+    model: GPT,
+    molts: Mapping[str, MOLT],
+    steps: int,
+    molt_train: TrainConfig,
+) -> ReplacementAware:
+    """The replacement-aware trainer of an aware arm of ``steps`` LM steps."""
+    start, ramp = round(cfg.phase_in_start * steps), round(cfg.phase_in_ramp * steps)
+    schedule = PhaseIn(start, ramp, cfg.phase_in_final)
+    return ReplacementAware(
+        model, molts, schedule, molt_train, cfg.sample_replacement, cfg.consistency
+    )
 
 
 # -- output ----------------------------------------------------------------------------------
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """Markdown table of the held-out results, one row per arm."""
+    """Markdown table of the test results, one row per arm and fine-tune variant."""
     rows = [
         "| arm | LM steps | CE own | CE one spliced (mean) | CE all spliced | gap all | "
         "gap closed (all) | own CE vs (a) | FVU | L0 | open gates | dead | Jacobian cos |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in ARMS:
-        result = report["arms"][arm]
-        h = result["heldout"]
+    results = [(arm, report["arms"][arm], report["comparison"].get(arm, {})) for arm in ARMS]
+    results += [
+        (f"aware_finetune {name}", v["arm"], v["comparison"])
+        for name, v in report.get("finetune_variants", {}).items()
+    ]
+    for arm, result, cmp in results:
+        h = result["test"]
         per_molt = list(h["molts"].values())
 
         def mean(key: str, per_molt=per_molt) -> float:
             return sum(m[key] for m in per_molt) / len(per_molt)
 
-        cmp = report["comparison"].get(arm, {})
         closed, own = cmp.get("gap_closed_all"), cmp.get("own_ce_relative_change")
         closed = "-" if closed is None else f"{closed:+.1%}"
         own = "-" if own is None else f"{own:+.1%}"
@@ -577,9 +685,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         x = [s + offset for s in curves["step"]]
         axes[0, 0].plot(x, curves["train_ce"], label=arm)
         ex = [s + offset for s in curves["eval_step"]]
-        axes[0, 1].plot(ex, curves["heldout_ce_own"], label=f"{arm}: own")
+        axes[0, 1].plot(ex, curves["validation_ce_own"], label=f"{arm}: own")
         if arm != "posthoc":
-            axes[0, 1].plot(ex, curves["heldout_ce_all_spliced"], "--", label=f"{arm}: all spliced")
+            spliced = curves["validation_ce_all_spliced"]
+            axes[0, 1].plot(ex, spliced, "--", label=f"{arm}: all spliced")
         logs = list(curves["molt"].values())
         mx = [s + offset for s in logs[0]["step"]]
         for ax, key in zip(axes[1], ("fvu", "l0", "dead_fraction"), strict=True):
@@ -587,7 +696,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.plot(mx, mean, label=arm)
     titles = [
         ("train CE (nats)", "LM step"),
-        ("held-out CE (nats)", "LM step"),
+        ("validation CE (nats)", "LM step"),
         ("",  ""),
         ("MOLT FVU on its batch (mean over layers)", "MOLT update"),
         ("MOLT L0", "MOLT update"),
@@ -610,11 +719,11 @@ def _bars(ax: Any, report: dict[str, Any]) -> None:
     kinds = (("ce_own", "own"), ("ce_spliced_one_mean", "one spliced"), ("ce_spliced_all", "all"))
     width = 0.25
     for i, (key, label) in enumerate(kinds):
-        values = [report["arms"][arm]["heldout"][key] for arm in ARMS]
+        values = [report["arms"][arm]["test"][key] for arm in ARMS]
         ax.bar([j + i * width for j in range(len(ARMS))], values, width, label=label)
     ax.set_xticks([j + width for j in range(len(ARMS))], ARMS)
-    ax.set_ylim(bottom=min(report["arms"][a]["heldout"]["ce_own"] for a in ARMS) * 0.9)
-    ax.set_title("final held-out CE (nats)")
+    ax.set_ylim(bottom=min(report["arms"][a]["test"]["ce_own"] for a in ARMS) * 0.9)
+    ax.set_title("final test CE (nats)")
     ax.legend(fontsize=7)
 
 
@@ -627,10 +736,31 @@ def _setting(text: str) -> tuple[str, Any]:
             f"expected FIELD=VALUE with FIELD one of {', '.join(fields)}; got {text!r}"
         )
     kind = type(getattr(QUICK, name))
+    if kind is bool:
+        if value not in ("0", "1", "false", "true"):
+            raise argparse.ArgumentTypeError(f"{name} takes 0/1/false/true, got {value!r}")
+        return name, value in ("1", "true")
     try:
         return name, kind(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__}: {e}") from e
+
+
+def _variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:FIELD=VALUE[,FIELD=VALUE...]"`` -> (name, overrides) for ``--finetune-variant``."""
+    name, sep, settings = text.partition(":")
+    if not sep or not name or not settings:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME:FIELD=VALUE[,FIELD=VALUE...], got {text!r}"
+        )
+    overrides = dict(_setting(item) for item in settings.split(","))
+    unknown = set(overrides) - FINETUNE_FIELDS
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"a fine-tune variant sets only {', '.join(sorted(FINETUNE_FIELDS))}; got "
+            f"{', '.join(sorted(unknown))}"
+        )
+    return name, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -651,6 +781,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override a StudyConfig field, e.g. --set steps=400 --set molt_k=2 (repeatable)",
     )
     parser.add_argument(
+        "--finetune-variant",
+        action="append",
+        default=[],
+        metavar="NAME:FIELD=VALUE[,...]",
+        type=_variant,
+        help="one more fine-tune (c) of the same (a) with these fields changed (fields: "
+        f"{', '.join(sorted(FINETUNE_FIELDS))}); repeatable",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -669,7 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = replace(cfg, **dict(args.set))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = run_study(cfg, progress=not args.no_progress, jobs=args.jobs)
+    variants = dict(args.finetune_variant)
+    report = run_study(cfg, not args.no_progress, args.jobs, variants)
     (args.out / "replacement_aware.json").write_text(json.dumps(report, indent=1, allow_nan=False))
     plot(report, args.out / "replacement_aware.png")
     print(summary_table(report))

@@ -170,13 +170,13 @@ class ReplacementAware:
         model: the model; its MLPs at ``molts``' paths stay the trained ("master") modules.
         molts: ``{mlp path: MOLT}``; each MOLT maps the MLP's input width to its output width.
         schedule: the mixing weight of the replacement by step.
-        sample: draw each layer's replacement per step (probability = the weight) instead of
-            blending (module docstring).
-        consistency: weight of the MLP-to-MOLT consistency term (module docstring); 0: none.
         molt_train: the MOLTs' optimisation (``lr``, ``weight_decay``, warm-ups, sparsity,
             ``init_from_data``, ``revive_every``, ``dead_window_tokens``, ``log_every``);
             ``steps`` is the length of the run (it sets the default sparsity warm-up);
             ``batch_size`` and the checkpoint fields are unused (a batch is the model's).
+        sample: draw each layer's replacement per step (probability = the weight) instead of
+            blending (module docstring).
+        consistency: weight of the MLP-to-MOLT consistency term (module docstring); 0: none.
 
     Attributes:
         logs: ``{path: TrainLog}`` of each MOLT's local loss, batch FVU, L0 and dead fraction.

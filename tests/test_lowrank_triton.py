@@ -164,6 +164,24 @@ def test_bitwise_deterministic(dtype: torch.dtype) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", ["zipf", "all_to_one", "tokens7", "rank512"])
+def test_atomic_combine_matches_reference(name: str, dtype: torch.dtype) -> None:
+    """The opt-in atomic combine (y and dx; the other outputs do not use it) against fp64."""
+    inputs = make_inputs(CASES[name], dtype)
+    ref = run(inputs, "reference", cast=lambda t: t.double())
+    leaves = {n: inputs[n].detach() for n in ("x", "gates", "b_dec")}
+    U, V = [u.detach() for u in inputs["U"]], [v.detach() for v in inputs["V"]]
+    y, table, h_pre = triton_impl.forward(leaves["x"], leaves["gates"], inputs["indices"], U, V,
+                                          leaves["b_dec"], deterministic=False)
+    projection = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dx, *_ = triton_impl.backward(projection, leaves["x"], leaves["gates"], table, U, V, h_pre,
+                                  (True, False, False, False), deterministic=False)
+    for name_, got, want in (("y", y, ref[0]), ("dx", dx, ref[1])):
+        assert torch.isfinite(got).all(), f"{name_}: unwritten (NaN) elements"
+        assert rel_err(got, want) < TOLERANCE[dtype], f"{name_}: {rel_err(got, want):.2e}"
+
+
 def test_torch_compile_traces_the_op() -> None:
     """Fake kernels and register_autograd let torch.compile trace forward and backward whole."""
     inputs = make_inputs(CASES["tokens7"], torch.float32)

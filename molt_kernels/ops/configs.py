@@ -164,6 +164,13 @@ MAX_BLOCK_M = 128
 # Token ranges of the combine: enough (range, width tile) programs to fill a GPU twice, each
 # range at least RANGE_MIN_TOKENS tokens so its segments keep rows to fill a block.
 TARGET_PROGRAMS, RANGE_MIN_TOKENS, MAX_RANGES = 264, 256, 64
+# Working set a wave of programs may keep in L2: half the smallest L2 targeted (A100: 40 MB),
+# leaving the rest for the weights streaming through and for imperfect replacement. The
+# shrink and the atomic combine run their blocks in windows of token ranges whose gathered
+# activation rows fit this budget, transform by transform within a window, so a row's k
+# re-reads hit L2 and a transform's weights come from HBM once per window
+# (``tools/cost_model.py`` simulates this).
+L2_BUDGET_BYTES = 20 << 20
 # Pairs routed per token at most, when a token offers more slots than this (k=None, the dense
 # gate: [tokens, T] gates): buffers are sized by tokens x this bound, not tokens x T, and a
 # device-side assert fires if a step activates more pairs than tokens x this bound.
@@ -194,6 +201,7 @@ class MixtureLayout:
 
     pair_capacity: pairs routed at most (tokens x min(slots, MAX_MEAN_PAIRS_PER_TOKEN));
     n_blocks: block-table length, pair_capacity // BLOCK_M + min(segments, pair_capacity);
+    window_ranges: token ranges per L2 window (``L2_BUDGET_BYTES``);
     h_size: elements of h_pre (and g dH): min(n_blocks * BLOCK_M * r_max,
     pair_capacity * r_max + (BLOCK_M - 1) * n_ranges * sum of all ranks).
     """
@@ -204,6 +212,7 @@ class MixtureLayout:
     pair_capacity: int
     n_blocks: int
     h_size: int
+    window_ranges: int
 
     @property
     def n_rows(self) -> int:
@@ -238,9 +247,9 @@ def _launch(
 
 def mixture_layout(
     n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_out: int,
-    dtype: torch.dtype,
+    dtype: torch.dtype, d_in: int | None = None,
 ) -> MixtureLayout:
-    """Block size, token ranges and buffer bounds from shapes only."""
+    """Block size, token ranges, L2 windows and buffer bounds from shapes only."""
     n_transforms = sum(counts)
     kind = "half" if dtype in HALF else "full"
     pair_capacity = n_tokens * min(n_slots, n_transforms, MAX_MEAN_PAIRS_PER_TOKEN)
@@ -256,7 +265,11 @@ def mixture_layout(
     r_max = max(ranks)
     rank_sum = sum(r * c for r, c in zip(ranks, counts))
     h_size = min(n_blocks * m * r_max, pair_capacity * r_max + (m - 1) * n_ranges * rank_sum)
-    return MixtureLayout(m, n_ranges, range_tokens, pair_capacity, n_blocks, h_size)
+    # A window's gathered activation rows (d_in wide forward, d_out backward; x's dtype).
+    row_bytes = max(d_in or d_out, d_out) * torch.empty((), dtype=dtype).element_size()
+    window_ranges = max(1, min(n_ranges, L2_BUDGET_BYTES // max(1, range_tokens * row_bytes)))
+    return MixtureLayout(m, n_ranges, range_tokens, pair_capacity, n_blocks, h_size,
+                         window_ranges)
 
 
 def mixture_config(
@@ -266,7 +279,7 @@ def mixture_config(
     """Every launch parameter of the decode, from shapes, the input dtype and the weights' dtype
     (None: the input's)."""
     kind = "half" if dtype in HALF else "full"
-    layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype)
+    layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype, d_in)
     m = layout.block_m
     wide, deep = WIDE_TILE[kind], DEEP_TILE[kind]
     elem = torch.empty((), dtype=dtype).element_size()

@@ -134,7 +134,7 @@ def _table_shapes(n_tokens: int, n_slots: int, U, V, dtype: DType) -> tuple[tupl
     lay = _triton_layout(n_tokens, n_slots, U, V, dtype)
     n_t = sum(v.shape[0] for v in V)
     return ((lay.n_rows,), (lay.n_blocks,), (lay.n_blocks + 1,), (n_t + 1,), (lay.n_blocks,),
-            (lay.n_ranges + 1,), (1,), (lay.h_size,))
+            (lay.n_ranges + 1,), (lay.n_blocks,), (1,), (lay.h_size,))
 
 
 @library.custom_op("molt_kernels::lowrank_mixture", mutates_args=())

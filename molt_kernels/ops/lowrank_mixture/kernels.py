@@ -88,13 +88,15 @@ def _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS: tl.constexpr):
 @triton.jit
 def _shrink_kernel(
     a_ptr, w0, w1, w2, w3, w4, w5, w6, w7, h_ptr, dh_ptr, gate_ptr, dgate_ptr,
-    block_t_ptr, block_h_ptr, row_pair_ptr, binfo_ptr, blocks_used_ptr,
+    block_order_ptr, block_t_ptr, block_h_ptr, row_pair_ptr, binfo_ptr, blocks_used_ptr,
     K, n_slots, n_blocks, h_size, stride_am,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     N_BUCKETS: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    block = tl.program_id(0)
+    # Used blocks run in window order; the unused ones (and the extra program) keep their id.
+    block = tl.load(block_order_ptr + tl.program_id(0), mask=tl.program_id(0) < n_blocks,
+                    other=n_blocks)
     t = tl.load(block_t_ptr + block, mask=block < n_blocks, other=-1)
     if t < 0:
         if not BACKWARD:
@@ -149,17 +151,69 @@ def _shrink_kernel(
 
 
 @triton.jit
+def _expand_block(
+    block, h_ptr, w0, w1, w2, w3, w4, w5, w6, w7, gate_ptr, block_t_ptr, block_h_ptr,
+    row_pair_ptr, binfo_ptr, offs_n, n_ok, N, n_slots,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_BUCKETS: tl.constexpr, GATED: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(g) H @ W_t of one block for the columns offs_n: ([BLOCK_M, BLOCK_N] ACC, token of each
+    row, row is routed)."""
+    t = tl.load(block_t_ptr + block)
+    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
+    rank = tl.load(binfo_ptr + b * INFO + 1)
+    w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
+    w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * N
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(row_pair_ptr + rows)
+    valid = pair >= 0
+    h_rows = tl.load(block_h_ptr + block) + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * rank
+    if GATED:
+        gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for r0 in range(0, rank, BLOCK_K):
+        kk = r0 + tl.arange(0, BLOCK_K)
+        h = tl.load(h_ptr + h_rows + kk[None, :], mask=kk[None, :] < rank, other=0.0)
+        if GATED:
+            # The gate scales r values per row here, not N values after the matmul.
+            h = (h.to(ACC) * gate[:, None]).to(h_ptr.dtype.element_ty)
+        # Forward W_t = U_t [N, r]; backward W_t = V_t [r, N] (rank-major).
+        if GATED:
+            w_tile = w_t + offs_n[None, :] * rank + kk[:, None]
+        else:
+            w_tile = w_t + kk[:, None] * N + offs_n[None, :]
+        w = tl.load(w_tile, mask=(kk[:, None] < rank) & n_ok, other=0.0)
+        acc = _dot(h, w.to(h.dtype), acc, DOT_FP32, PRECISION)
+    return acc, tl.where(valid, pair // n_slots, 0), valid
+
+
+@triton.jit
 def _expand_kernel(
     h_ptr, w0, w1, w2, w3, w4, w5, w6, w7, acc_ptr, out_ptr, bias_ptr, gate_ptr,
-    range_blocks_ptr, range_start_ptr, block_t_ptr, block_h_ptr, row_pair_ptr, binfo_ptr,
-    N, n_tokens, range_tokens, n_slots, stride_acc, stride_out,
+    range_blocks_ptr, range_start_ptr, block_order_ptr, block_t_ptr, block_h_ptr, row_pair_ptr,
+    binfo_ptr, N, n_tokens, range_tokens, n_slots, stride_acc, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_BUCKETS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCRATCH: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    SCRATCH: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    rng = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n[None, :] < N
+    if ATOMIC:
+        # Opt-in, nondeterministic: a program per (block in window order, width tile) adds its
+        # rows into acc (already holding the bias or zero) with fp32 atomics; the order of
+        # the adds, hence the rounding, varies from run to run.
+        block = tl.load(block_order_ptr + tl.program_id(0))
+        if tl.load(block_t_ptr + block) >= 0:
+            acc, tok, valid = _expand_block(
+                block, h_ptr, w0, w1, w2, w3, w4, w5, w6, w7, gate_ptr, block_t_ptr,
+                block_h_ptr, row_pair_ptr, binfo_ptr, offs_n, n_ok, N, n_slots,
+                BLOCK_M, BLOCK_N, BLOCK_K, N_BUCKETS, GATED, ACC, DOT_FP32, PRECISION)
+            tl.atomic_add(acc_ptr + tok[:, None] * stride_acc + offs_n[None, :], acc,
+                          mask=valid[:, None] & n_ok, sem="relaxed")
+        return
+    rng = tl.program_id(0)
     tok_lo = rng.to(tl.int64) * range_tokens
     tok_hi = tl.minimum(tok_lo + range_tokens, n_tokens)
     init = tl.zeros((BLOCK_M, BLOCK_N), ACC)
@@ -172,33 +226,11 @@ def _expand_kernel(
     # A block's rows land in other threads than the previous block's: order the RMW in memory.
     tl.debug_barrier()
     for i in range(tl.load(range_start_ptr + rng), tl.load(range_start_ptr + rng + 1)):
-        block = tl.load(range_blocks_ptr + i)
-        t = tl.load(block_t_ptr + block)
-        b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
-        rank = tl.load(binfo_ptr + b * INFO + 1)
-        w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
-        w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * N
-        rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(row_pair_ptr + rows)
-        valid = pair >= 0
-        h_rows = tl.load(block_h_ptr + block) + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * rank
-        if GATED:
-            gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-        for r0 in range(0, rank, BLOCK_K):
-            kk = r0 + tl.arange(0, BLOCK_K)
-            h = tl.load(h_ptr + h_rows + kk[None, :], mask=kk[None, :] < rank, other=0.0)
-            if GATED:
-                # The gate scales r values per row here, not N values after the matmul.
-                h = (h.to(ACC) * gate[:, None]).to(h_ptr.dtype.element_ty)
-            # Forward W_t = U_t [N, r]; backward W_t = V_t [r, N] (rank-major).
-            if GATED:
-                w_tile = w_t + offs_n[None, :] * rank + kk[:, None]
-            else:
-                w_tile = w_t + kk[:, None] * N + offs_n[None, :]
-            w = tl.load(w_tile, mask=(kk[:, None] < rank) & n_ok, other=0.0)
-            acc = _dot(h, w.to(h.dtype), acc, DOT_FP32, PRECISION)
-        out = acc_ptr + tl.where(valid, pair // n_slots, 0)[:, None] * stride_acc + offs_n[None, :]
+        acc, tok, valid = _expand_block(
+            tl.load(range_blocks_ptr + i), h_ptr, w0, w1, w2, w3, w4, w5, w6, w7, gate_ptr,
+            block_t_ptr, block_h_ptr, row_pair_ptr, binfo_ptr, offs_n, n_ok, N, n_slots,
+            BLOCK_M, BLOCK_N, BLOCK_K, N_BUCKETS, GATED, ACC, DOT_FP32, PRECISION)
+        out = acc_ptr + tok[:, None] * stride_acc + offs_n[None, :]
         mask = valid[:, None] & n_ok
         tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
         tl.debug_barrier()

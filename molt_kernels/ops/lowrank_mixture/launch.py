@@ -32,6 +32,8 @@ class BlockTable(NamedTuple):
     block_h [n_blocks + 1]: first element of each block's rows in h_pre (the total last);
     t_block_start [T + 1]: first block of each transform;
     range_blocks [n_blocks]: block ids in token-range order; range_start [ranges + 1];
+    block_order [n_blocks]: block ids in L2-window order (windows of ``layout.window_ranges``
+    token ranges; within one, table order, i.e. by transform), the unused blocks last in place;
     blocks_used [1].
     """
 
@@ -41,6 +43,7 @@ class BlockTable(NamedTuple):
     t_block_start: Tensor
     range_blocks: Tensor
     range_start: Tensor
+    block_order: Tensor
     blocks_used: Tensor
 
 
@@ -142,8 +145,10 @@ def route(indices: Tensor, gates: Tensor, rank_of_t: Tensor, layout: MixtureLayo
     block_range = torch.where(used, seg_of_block % n_ranges, n_ranges)
     sorted_range, range_blocks = torch.sort(block_range, stable=True)
     range_start = torch.searchsorted(sorted_range, torch.arange(n_ranges + 1, **long))
-    return BlockTable(pair_of_row, block_t, block_h, t_block_start,
-                      range_blocks, range_start, block_end[-1:].clone())
+    # Unused blocks (range n_ranges) form the last window and keep their place in it.
+    block_order = torch.sort(block_range // layout.window_ranges, stable=True).indices
+    return BlockTable(pair_of_row, block_t, block_h, t_block_start, range_blocks, range_start,
+                      block_order, block_end[-1:].clone())
 
 
 def _weight_args(weights: Sequence[Tensor]) -> list[Tensor]:
@@ -155,20 +160,36 @@ def _weight_args(weights: Sequence[Tensor]) -> list[Tensor]:
 def _expand(
     h: Tensor, weights: Sequence[Tensor], out: Tensor, bias: Tensor | None, gates: Tensor | None,
     table: BlockTable, binfo: Tensor, cfg_launch, layout: MixtureLayout, n_slots: int,
-    common: dict, run: Runner,
+    common: dict, run: Runner, deterministic: bool,
 ) -> None:
-    """out [N, width] = (bias) + sum over each token's blocks of (g) H @ W_t, deterministic."""
+    """out [N, width] = (bias) + sum over each token's blocks of (g) H @ W_t.
+
+    Deterministic: a program per (token range, width tile) adds its range's blocks in table
+    order. Otherwise (opt-in, run-to-run rounding differences): a program per (block, width
+    tile) in window order adds its rows with fp32 atomics into a buffer holding the bias.
+    """
     n_tokens, width = out.shape
     acc_dtype = accumulator_dtype(out.dtype)
     scratch = acc_dtype != out.dtype
     acc = _empty((n_tokens, width), acc_dtype, out.device) if scratch else out
-    grid = (layout.n_ranges, triton.cdiv(width, cfg_launch.tiles["BLOCK_N"]))
+    if deterministic:
+        programs = layout.n_ranges
+    else:
+        programs = layout.n_blocks
+        if bias is None:
+            acc.zero_()
+        else:
+            acc.copy_(bias.expand(n_tokens, width))
+    grid = (programs, triton.cdiv(width, cfg_launch.tiles["BLOCK_N"]))
     run(_expand_kernel, grid, cfg_launch,
         h, *_weight_args(weights), acc, out, bias if bias is not None else out,
         gates if gates is not None else out, table.range_blocks, table.range_start,
-        table.block_t, table.block_h, table.pair_of_row, binfo,
+        table.block_order, table.block_t, table.block_h, table.pair_of_row, binfo,
         width, n_tokens, layout.range_tokens, n_slots, acc.stride(0), out.stride(0),
-        GATED=gates is not None, HAS_BIAS=bias is not None, SCRATCH=scratch, **common)
+        GATED=gates is not None, HAS_BIAS=bias is not None, SCRATCH=scratch,
+        ATOMIC=not deterministic, **common)
+    if scratch and not deterministic:
+        out.copy_(acc)
 
 
 def forward(
@@ -180,8 +201,11 @@ def forward(
     b_dec: Tensor,
     allow_tf32: bool = False,
     run: Runner = launch_kernel,
+    deterministic: bool = True,
 ) -> tuple[Tensor, BlockTable, Tensor]:
     """y [N, d_out], the block table and h_pre [layout.h_size] (x's dtype, fully written).
+    ``deterministic=False`` opts into the atomic combine (see ``_expand``): faster by the cost
+    model, but y's rounding varies from run to run.
 
     x [N, d_in]; gates [N, S] fp32 (fp64 for fp64 x); indices [N, S] int64; U[b] [n_b, d_out, r_b];
     V[b] [n_b, r_b, d_in] (x's dtype, or fp32 under half x: cast per tile); b_dec [d_out] (any
@@ -198,12 +222,12 @@ def forward(
                   PRECISION=dot_precision(x.dtype, allow_tf32))
     h_pre = _empty((layout.h_size,), x.dtype, x.device)
     run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_fwd,
-        x, *_weight_args(V), h_pre, h_pre, gates, gates, table.block_t, table.block_h,
-        table.pair_of_row, binfo, table.blocks_used, x.shape[1], n_slots, layout.n_blocks,
-        layout.h_size, x.stride(0), BACKWARD=False, **common)
+        x, *_weight_args(V), h_pre, h_pre, gates, gates, table.block_order, table.block_t,
+        table.block_h, table.pair_of_row, binfo, table.blocks_used, x.shape[1], n_slots,
+        layout.n_blocks, layout.h_size, x.stride(0), BACKWARD=False, **common)
     y = _empty((n_tokens, U[0].shape[1]), x.dtype, x.device)
     _expand(h_pre, U, y, b_dec.contiguous(), gates, table, binfo, cfg.expand_fwd, layout,
-            n_slots, common, run)
+            n_slots, common, run, deterministic)
     return y, table, h_pre
 
 
@@ -231,10 +255,12 @@ def backward(
     needs: tuple[bool, bool, bool, bool],
     allow_tf32: bool = False,
     run: Runner = launch_kernel,
+    deterministic: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx [N, d_in], dgates [N, S], dU flat, dV flat) for ``needs`` = (x, gates, U, V); the flat
     gradients hold every bucket's [n_b, d_out, r_b] / [n_b, r_b, d_in] one after the other
-    (the op's autograd views them). Inputs as returned by / passed to :func:`forward`.
+    (the op's autograd views them). Inputs as returned by / passed to :func:`forward`;
+    ``deterministic=False``: dx by the atomic combine (as in :func:`forward`).
     """
     need_x, need_g, need_u, need_v = needs
     n_tokens, n_slots = gates.shape
@@ -255,13 +281,13 @@ def backward(
     if need_g or need_x or need_v:
         dh = _empty((layout.h_size,), x.dtype, x.device)
         run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_bwd,
-            grad_y, *_weight_args(U), h_pre, dh, gates, dgates, table.block_t, table.block_h,
-            table.pair_of_row, binfo, table.blocks_used, grad_y.shape[1], n_slots,
+            grad_y, *_weight_args(U), h_pre, dh, gates, dgates, table.block_order, table.block_t,
+            table.block_h, table.pair_of_row, binfo, table.blocks_used, grad_y.shape[1], n_slots,
             layout.n_blocks, layout.h_size, grad_y.stride(0), BACKWARD=True, **common)
         if need_x:
             dx = _empty(tuple(x.shape), x.dtype, x.device)
             _expand(dh, V, dx, None, None, table, binfo, cfg.expand_bwd, layout, n_slots,
-                    common, run)
+                    common, run, deterministic)
         if need_v:
             dV = _empty((sum(v.numel() for v in V),), V[0].dtype, x.device)
             _xty(x, dh, None, dV, True, table, binfo, n_items, cfg.grad_v, n_slots, common, run)

@@ -161,9 +161,11 @@ DEEP_TILE = {"half": 64, "full": 16}
 # A block holds about half the expected rows of a segment (transform x token range), so padding
 # stays under ~1/4 of the rows.
 MAX_BLOCK_M = 128
-# Token ranges of the combine: enough (range, width tile) programs to fill a GPU twice, each
-# range at least RANGE_MIN_TOKENS tokens so its segments keep rows to fill a block.
-TARGET_PROGRAMS, RANGE_MIN_TOKENS, MAX_RANGES = 264, 256, 64
+# Token ranges of the deterministic combine: at most one wave of (range, width tile) programs on
+# the GPU (PROGRAMS_PER_SM per SM; a 2nd, partial wave would double the kernel's time), each range
+# at least RANGE_MIN_TOKENS tokens so its segments keep rows to fill a block. Plans made off the
+# GPU (interpreter, gpu-report, cost model) assume DEFAULT_SMS (H100 SXM) unless told.
+PROGRAMS_PER_SM, DEFAULT_SMS, RANGE_MIN_TOKENS, MAX_RANGES = 2, 132, 256, 64
 # Working set a wave of programs may keep in L2: half the smallest L2 targeted (A100: 40 MB),
 # leaving the rest for the weights streaming through and for imperfect replacement. The
 # shrink and the atomic combine run their blocks in windows of token ranges whose gathered
@@ -175,6 +177,9 @@ L2_BUDGET_BYTES = 20 << 20
 # gate: [tokens, T] gates): buffers are sized by tokens x this bound, not tokens x T, and a
 # device-side assert fires if a step activates more pairs than tokens x this bound.
 MAX_MEAN_PAIRS_PER_TOKEN = 128
+# Dense gates (slots = every transform) size blocks for this many active pairs per token (the
+# paper's L0 range), not for the capacity above: blocks sized for 128 would run mostly padding.
+DENSE_GATE_EXPECTED_L0 = 32
 # Weight tensors one launch reads (one kernel argument each).
 MAX_BUCKETS = 8
 WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
@@ -247,27 +252,44 @@ def _launch(
 
 def mixture_layout(
     n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_out: int,
-    dtype: torch.dtype, d_in: int | None = None,
+    dtype: torch.dtype, d_in: int | None = None, deterministic: bool = True,
+    sms: int = DEFAULT_SMS,
 ) -> MixtureLayout:
-    """Block size, token ranges, L2 windows and buffer bounds from shapes only."""
+    """Block size, token ranges, L2 windows and buffer bounds from shapes only.
+
+    Deterministic combine: as many token ranges as one wave of its programs allows on ``sms``
+    SMs, grouped into L2 windows. Atomic combine (no range ownership): each range is one L2
+    window, as few as the budget allows, so segments (and blocks) stay long.
+    """
     n_transforms = sum(counts)
     kind = "half" if dtype in HALF else "full"
     pair_capacity = n_tokens * min(n_slots, n_transforms, MAX_MEAN_PAIRS_PER_TOKEN)
-    width_tiles = max(1, -(-d_out // _pow2_tile(d_out, WIDE_TILE[kind])))
-    n_ranges = max(1, min(MAX_RANGES, -(-TARGET_PROGRAMS // width_tiles),
-                          n_tokens // RANGE_MIN_TOKENS))
+    # A window's gathered activation rows (d_in wide forward, d_out backward; x's dtype).
+    row_bytes = max(d_in or d_out, d_out) * torch.empty((), dtype=dtype).element_size()
+    if deterministic:
+        width_tiles = max(1, -(-d_out // _pow2_tile(d_out, WIDE_TILE[kind])))
+        ranges = PROGRAMS_PER_SM * sms // width_tiles
+    else:
+        ranges = -(-n_tokens * row_bytes // L2_BUDGET_BYTES)
+    n_ranges = max(1, min(MAX_RANGES, ranges, n_tokens // RANGE_MIN_TOKENS))
     range_tokens = max(1, -(-n_tokens // n_ranges))
     segments = n_transforms * n_ranges
-    rows_per_segment = pair_capacity / max(segments, 1)
+    expected_pairs = n_tokens * (min(n_slots, DENSE_GATE_EXPECTED_L0)
+                                 if n_slots >= n_transforms else min(n_slots, n_transforms))
+    rows_per_segment = expected_pairs / max(segments, 1)
     m = 1 << max(0, int(math.floor(math.log2(max(rows_per_segment / 2, 1.0)))))
     m = min(MAX_BLOCK_M, max(MIN_TILE, m))
     n_blocks = pair_capacity // m + min(segments, pair_capacity)
     r_max = max(ranks)
     rank_sum = sum(r * c for r, c in zip(ranks, counts))
     h_size = min(n_blocks * m * r_max, pair_capacity * r_max + (m - 1) * n_ranges * rank_sum)
-    # A window's gathered activation rows (d_in wide forward, d_out backward; x's dtype).
-    row_bytes = max(d_in or d_out, d_out) * torch.empty((), dtype=dtype).element_size()
     window_ranges = max(1, min(n_ranges, L2_BUDGET_BYTES // max(1, range_tokens * row_bytes)))
+    # Windows pay when the activation rows' re-reads they keep in L2 outweigh the weights'
+    # re-read per extra window (small token counts, huge weight sets: they do not).
+    windows = -(-n_ranges // window_ranges)
+    reread_rows = n_tokens * row_bytes * (expected_pairs / max(n_tokens, 1) - 1)
+    if reread_rows <= rank_sum * row_bytes * (windows - 1):
+        window_ranges = n_ranges
     return MixtureLayout(m, n_ranges, range_tokens, pair_capacity, n_blocks, h_size,
                          window_ranges)
 
@@ -275,11 +297,13 @@ def mixture_layout(
 def mixture_config(
     n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_in: int,
     d_out: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
+    deterministic: bool = True, sms: int = DEFAULT_SMS,
 ) -> MixtureConfig:
-    """Every launch parameter of the decode, from shapes, the input dtype and the weights' dtype
-    (None: the input's)."""
+    """Every launch parameter of the decode, from shapes, the input dtype, the weights' dtype
+    (None: the input's), the combine (deterministic or atomic) and the GPU's SM count."""
     kind = "half" if dtype in HALF else "full"
-    layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype, d_in)
+    layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype, d_in, deterministic,
+                            sms)
     m = layout.block_m
     wide, deep = WIDE_TILE[kind], DEEP_TILE[kind]
     elem = torch.empty((), dtype=dtype).element_size()
@@ -292,9 +316,9 @@ def mixture_config(
                        BLOCK_M=m, BLOCK_R=tile_r, BLOCK_K=bk)
 
     def expand(n: int) -> Launch:
-        # The combine's read-modify-write holds a second [BLOCK_M, BLOCK_N] tile: 128 x 128
-        # spills on sm_80 and sm_90, so 128-row blocks take half-width tiles.
-        bn = _pow2_tile(n, wide if m < MAX_BLOCK_M else wide // 2)
+        # The deterministic combine's read-modify-write holds a second [BLOCK_M, BLOCK_N] tile:
+        # 128 x 128 spills on sm_80 and sm_90, so its 128-row blocks take half-width tiles.
+        bn = _pow2_tile(n, wide if m < MAX_BLOCK_M or not deterministic else wide // 2)
         # The combine also holds the read-modify-write tile and the gated h tile: 8 warps
         # (4 spill on sm_80 and sm_90 at BLOCK_M 16 and 32).
         return _launch(kind, (m, bn), acc, (m * tile_r + tile_r * bn) * elem, big=True,
@@ -320,14 +344,22 @@ def mixture_config(
                          xty(d_out), xty(d_in))
 
 
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (DEFAULT_SMS elsewhere: the interpreter, meta and CPU tensors)."""
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def plan(
-    n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: torch.dtype
+    n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: torch.dtype,
+    deterministic: bool = True,
 ) -> MixtureConfig:
-    """The decode's MixtureConfig for these weights (shapes only)."""
+    """The decode's MixtureConfig for these weights (shapes and device only)."""
     if len(V) > MAX_BUCKETS:
         raise ValueError(f"the triton decode takes at most {MAX_BUCKETS} rank buckets, "
                          f"got {len(V)}")
     ranks = [v.shape[1] for v in V]
     counts = [v.shape[0] for v in V]
     return mixture_config(n_tokens, n_slots, ranks, counts, V[0].shape[2], U[0].shape[1], dtype,
-                          U[0].dtype)
+                          U[0].dtype, deterministic, sm_count(V[0].device))

@@ -255,13 +255,18 @@ def main(argv: list[str] | None = None) -> int:
                       help="print the roofline cost model of the step (bf16, modeled) and exit")
     step.add_argument("--gpu", choices=("h100", "h200", "a100"), default="h100")
     step.add_argument("--l0", type=float, default=32.0, help="active pairs per token for k=None")
+    step.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
+                      help="routing the --cost simulation routes (default uniform)")
+    step.add_argument("--atomic", action="store_true",
+                      help="--cost of the opt-in atomic (nondeterministic) combine")
     args = parser.parse_args(argv)
     if args.step:
         return _step(args)
     if args.cost:
         from .cost_model import render_cost, step_cost
 
-        cost = step_cost(args.d, args.n, args.k or None, args.tokens, args.l0, args.gpu)
+        cost = step_cost(args.d, args.n, args.k or None, args.tokens, args.l0, args.gpu,
+                         deterministic=not args.atomic, routing=args.routing)
         print(render_cost(cost))
         if args.json is not None:
             args.json.write_text(json.dumps(cost, indent=2))

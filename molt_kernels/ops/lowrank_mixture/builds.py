@@ -3,6 +3,8 @@ the launch code on meta tensors with a recording runner."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 from torch import Tensor
@@ -71,7 +73,7 @@ def _report_build(
 
 
 def _recorded_launches(
-    dtype: torch.dtype, w_dtype: torch.dtype, allow_tf32: bool, n_tokens: int
+    dtype: torch.dtype, w_dtype: torch.dtype, allow_tf32: bool, n_tokens: int, deterministic: bool
 ) -> list[tuple]:
     """(kernel, launch, args, kwargs) of a forward and backward on meta tensors."""
     meta = dict(device=torch.device("meta"))
@@ -87,19 +89,23 @@ def _recorded_launches(
     def record(kernel, grid, launch, *args, **kw) -> None:
         recorded.append((kernel, launch, args, kw))
 
-    y, table, h_pre = forward(x, gates, indices, U, V, b_dec, allow_tf32, run=record)
-    backward(y, x, gates, table, U, V, h_pre, (True, True, True, True), allow_tf32, run=record)
+    y, table, h_pre = forward(x, gates, indices, U, V, b_dec, allow_tf32, run=record,
+                              deterministic=deterministic)
+    backward(y, x, gates, table, U, V, h_pre, (True, True, True, True), allow_tf32, run=record,
+             deterministic=deterministic)
     return recorded
 
 
 def gpu_report_builds() -> list[KernelBuild]:
     """Every (kernel, config) the launch code picks at width 2304 for the paper's ranks, for each
-    of REPORT_VARIANTS and every BLOCK_M, captured from a forward and backward on meta tensors."""
+    of REPORT_VARIANTS and every BLOCK_M, with either combine, captured from a forward and
+    backward on meta tensors."""
     builds: dict[tuple[str, str], KernelBuild] = {}
     for dtype, w_dtype, allow_tf32 in REPORT_VARIANTS:
         # Uniform routing: token counts whose segments pick every BLOCK_M.
-        for n_tokens in (2 ** p for p in range(6, 18)):
-            for launch in _recorded_launches(dtype, w_dtype, allow_tf32, n_tokens):
+        for n_tokens, deterministic in itertools.product((2 ** p for p in range(6, 18)),
+                                                          (True, False)):
+            for launch in _recorded_launches(dtype, w_dtype, allow_tf32, n_tokens, deterministic):
                 build = _report_build(dtype, w_dtype, *launch)
                 builds.setdefault((build.name, build.config), build)
     return list(builds.values())

@@ -212,7 +212,7 @@ def forward(
     float dtype: read in the accumulation dtype). ``allow_tf32``: fp32 dots in TF32.
     """
     n_tokens, n_slots = indices.shape
-    cfg = plan(n_tokens, n_slots, U, V, x.dtype)
+    cfg = plan(n_tokens, n_slots, U, V, x.dtype, deterministic)
     layout = cfg.layout
     ranks, counts = tuple(v.shape[1] for v in V), tuple(v.shape[0] for v in V)
     binfo, rank_of_t, _ = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"], x.device)
@@ -264,7 +264,7 @@ def backward(
     """
     need_x, need_g, need_u, need_v = needs
     n_tokens, n_slots = gates.shape
-    cfg: MixtureConfig = plan(n_tokens, n_slots, U, V, x.dtype)
+    cfg: MixtureConfig = plan(n_tokens, n_slots, U, V, x.dtype, deterministic)
     layout = cfg.layout
     ranks, counts = tuple(v.shape[1] for v in V), tuple(v.shape[0] for v in V)
     binfo, _, n_items = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"], x.device)

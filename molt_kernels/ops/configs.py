@@ -265,7 +265,7 @@ def mixture_layout(
     kind = "half" if dtype in HALF else "full"
     pair_capacity = n_tokens * min(n_slots, n_transforms, MAX_MEAN_PAIRS_PER_TOKEN)
     # A window's gathered activation rows (d_in wide forward, d_out backward; x's dtype).
-    row_bytes = max(d_in or d_out, d_out) * torch.empty((), dtype=dtype).element_size()
+    row_bytes = max(d_in or d_out, d_out) * dtype.itemsize
     if deterministic:
         width_tiles = max(1, -(-d_out // _pow2_tile(d_out, WIDE_TILE[kind])))
         ranges = PROGRAMS_PER_SM * sms // width_tiles

@@ -97,6 +97,12 @@ def _bucket_tables(
     return binfo, rank_of_t, item
 
 
+@functools.lru_cache(maxsize=64)
+def _table_order(n_blocks: int, device: torch.device) -> Tensor:
+    """Block ids in table order, built once per shape (no op in the step)."""
+    return torch.arange(n_blocks, dtype=torch.int64, device=device)
+
+
 def route(indices: Tensor, gates: Tensor, rank_of_t: Tensor, layout: MixtureLayout) -> BlockTable:
     """The block table of the kept pairs (gate != 0) of ``indices`` [N, S], sorted by segment
     (transform, token range) and, within one, by flat pair id; padded per segment to BLOCK_M.
@@ -145,8 +151,14 @@ def route(indices: Tensor, gates: Tensor, rank_of_t: Tensor, layout: MixtureLayo
     block_range = torch.where(used, seg_of_block % n_ranges, n_ranges)
     sorted_range, range_blocks = torch.sort(block_range, stable=True)
     range_start = torch.searchsorted(sorted_range, torch.arange(n_ranges + 1, **long))
-    # Unused blocks (range n_ranges) form the last window and keep their place in it.
-    block_order = torch.sort(block_range // layout.window_ranges, stable=True).indices
+    # Unused blocks (range n_ranges) form the last window and keep their place in it. One window
+    # is table order, one range per window is range order: neither costs a sort.
+    if layout.window_ranges >= n_ranges:
+        block_order = _table_order(layout.n_blocks, indices.device)
+    elif layout.window_ranges == 1:
+        block_order = range_blocks
+    else:
+        block_order = torch.sort(block_range // layout.window_ranges, stable=True).indices
     return BlockTable(pair_of_row, block_t, block_h, t_block_start, range_blocks, range_start,
                       block_order, block_end[-1:].clone())
 

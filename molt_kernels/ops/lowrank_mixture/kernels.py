@@ -11,15 +11,20 @@ bucket's weight tensor and loops over the rank as a runtime bound in BLOCK_R / B
 
 Kernels (grid; what a program reads -> writes):
 
-- ``_shrink_kernel`` (blocks + 1): H = A[token(rows)] @ W_t^T for all r_t columns. Forward:
-  A = x, W = V -> h_pre. Backward: A = dY, W = U^T -> g dH and dgate = rowsum(dH * h_pre).
-  Programs without a block zero the unused tail of h_pre, so the op's outputs are fully defined.
+- ``_shrink_kernel`` (blocks + 1, in L2-window order ``block_order``: a window's tokens' rows stay
+  in L2 while its blocks run transform by transform): H = A[token(rows)] @ W_t^T for all r_t
+  columns. Forward: A = x, W = V -> h_pre. Backward: A = dY, W = U^T -> g dH and
+  dgate = rowsum(dH * h_pre). Programs without a block zero the unused tail of h_pre, so the
+  op's outputs are fully defined.
 - ``_expand_kernel`` (token ranges, width tiles): a program owns its token range's rows of the
   output tile and walks that range's blocks in table order: out[token(rows)] += (g) H @ W_t.
   One writer per output element and a fixed order, so the combine is deterministic without
   atomics and without a [pairs, width] slot buffer. Forward: H = h_pre gated, W = U^T -> y
   (+ b_dec); backward: H = g dH, W = V -> dx. Half outputs accumulate in an fp32 [tokens, width]
-  scratch that the program casts out at the end.
+  scratch that the program casts out at the end. ``ATOMIC`` (opt-in, nondeterministic): instead a
+  program per (block in window order, width tile) adds its rows into the scratch (holding the
+  bias) with fp32 atomics; no token ranges to own, so blocks are longer and no program waits on
+  its range's other blocks.
 - ``_xty_kernel`` ((transform, rank tile) items, width tiles): C_t = X[token(rows)]^T (g) H[rows]
   over t's blocks in order, into the flat gradient of all buckets: dU_t = dY^T (g h_pre),
   dV_t^T = x^T (g dH). Empty transforms write their zero.

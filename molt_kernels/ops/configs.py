@@ -158,9 +158,13 @@ MIN_TILE = 16
 WIDE_TILE = {"half": 128, "full": 64}
 RANK_TILE = {"half": 64, "full": 32}
 DEEP_TILE = {"half": 64, "full": 16}
-# A block holds about half the expected rows of a segment (transform x token range), so padding
-# stays under ~1/4 of the rows.
-MAX_BLOCK_M = 128
+# A block holds up to the expected rows of a segment (transform x token range): padding stays
+# under about half the rows, while every block re-reads its transform's weights (from L2), so
+# longer blocks win on these L2-bound kernels (``tools/schedule_sim.py``: at d=2304, k=32 the
+# shrink's L2 bytes are mostly weights at BLOCK_M=32). The deterministic combine stops at
+# DETERMINISTIC_BLOCK_M: its 128-row blocks would need half-width tiles (see ``expand``), which
+# doubles its programs past one wave.
+MAX_BLOCK_M, DETERMINISTIC_BLOCK_M = 128, 64
 # Token ranges of the deterministic combine: at most one wave of (range, width tile) programs on
 # the GPU (PROGRAMS_PER_SM per SM; a 2nd, partial wave would double the kernel's time), each range
 # at least RANGE_MIN_TOKENS tokens so its segments keep rows to fill a block. Plans made off the
@@ -277,8 +281,8 @@ def mixture_layout(
     expected_pairs = n_tokens * (min(n_slots, DENSE_GATE_EXPECTED_L0)
                                  if n_slots >= n_transforms else min(n_slots, n_transforms))
     rows_per_segment = expected_pairs / max(segments, 1)
-    m = 1 << max(0, int(math.floor(math.log2(max(rows_per_segment / 2, 1.0)))))
-    m = min(MAX_BLOCK_M, max(MIN_TILE, m))
+    m = 1 << max(0, int(math.floor(math.log2(max(rows_per_segment, 1.0)))))
+    m = min(DETERMINISTIC_BLOCK_M if deterministic else MAX_BLOCK_M, max(MIN_TILE, m))
     n_blocks = pair_capacity // m + min(segments, pair_capacity)
     r_max = max(ranks)
     rank_sum = sum(r * c for r, c in zip(ranks, counts))

@@ -13,8 +13,13 @@ R, W, RMW = sim.READ, sim.WRITE, sim.RMW
 
 def _traffic(objects, sizes, kinds, capacities):
     n = len(objects)
-    hbm, l2 = sim._l2(np.arange(n, dtype=float), np.array(objects, np.int64),
-                      np.array(sizes, np.float32), np.array(kinds, np.int8), capacities)
+    hbm, l2 = sim._l2(
+        np.arange(n, dtype=float),
+        np.array(objects, np.int64),
+        np.array(sizes, np.float32),
+        np.array(kinds, np.int8),
+        capacities,
+    )
     return hbm, l2
 
 
@@ -34,8 +39,9 @@ def test_written_object_is_written_back_once_per_residency() -> None:
     assert too_small == 2 * (64 + 64) + 32
 
 
-def _small_routing(windowed: bool, deterministic: bool = True, n_tokens: int = 2048,
-                   ranks=(32, 64), counts=(24, 8)):
+def _small_routing(
+    windowed: bool, deterministic: bool = True, n_tokens: int = 2048, ranks=(32, 64), counts=(24, 8)
+):
     ranks, counts, k, d = list(ranks), list(counts), 4, 256
     cfg = configs.mixture_config(
         n_tokens, k, ranks, counts, d, d, torch.bfloat16, deterministic=deterministic
@@ -50,10 +56,12 @@ def _small_routing(windowed: bool, deterministic: bool = True, n_tokens: int = 2
 def test_bigger_cache_never_moves_more_hbm_bytes() -> None:
     r, cfg, d = _small_routing(windowed=True)
     caps = (1e4, 1e5, 1e6, 1e12)
-    for traffic in (sim.shrink_traffic(r, d, cfg.shrink_fwd.tiles, 2, False, 16, caps),
-                    sim.expand_traffic(r, d, cfg.expand_fwd.tiles, 2, False, 16, caps),
-                    sim.expand_traffic(r, d, cfg.expand_fwd.tiles, 2, True, 16, caps),
-                    sim.xty_traffic(r, d, cfg.grad_u.tiles, 2, 16, caps)):
+    for traffic in (
+        sim.shrink_traffic(r, d, cfg.shrink_fwd.tiles, 2, False, 16, caps),
+        sim.expand_traffic(r, d, cfg.expand_fwd.tiles, 2, False, 16, caps),
+        sim.expand_traffic(r, d, cfg.expand_fwd.tiles, 2, True, 16, caps),
+        sim.xty_traffic(r, d, cfg.grad_u.tiles, 2, 16, caps),
+    ):
         assert list(traffic.hbm_bytes) == sorted(traffic.hbm_bytes, reverse=True)
         assert traffic.imbalance >= 1
     # With room for everything, the shrink reads x, the weights and writes h_pre once each.

@@ -79,8 +79,14 @@ class _Stream:
     def access(self, step: np.ndarray, obj: np.ndarray, size, kind: int) -> None:
         step = np.asarray(step, np.int64)
         size = np.broadcast_to(np.asarray(size, np.float64), step.shape)
-        self.acc.append((step.astype(np.int32), np.asarray(obj, np.int64),
-                         size.astype(np.float32), np.full(step.shape, kind, np.int8)))
+        self.acc.append(
+            (
+                step.astype(np.int32),
+                np.asarray(obj, np.int64),
+                size.astype(np.float32),
+                np.full(step.shape, kind, np.int8),
+            )
+        )
 
     def simulate(self, slots: int, capacities: tuple[float, ...]) -> Traffic:
         prog = np.concatenate(self.step_program)
@@ -163,7 +169,10 @@ class Routing:
 
 
 def build_routing(
-    indices: torch.Tensor, gates: torch.Tensor, rank_of_t: torch.Tensor, cfg: MixtureConfig,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    rank_of_t: torch.Tensor,
+    cfg: MixtureConfig,
     windowed: bool,
 ) -> Routing:
     """Route like the decode does and keep the used blocks; ``windowed``: the shrink runs the
@@ -178,13 +187,21 @@ def build_routing(
     first_token = np.where(rows_token >= 0, rows_token, np.iinfo(np.int64).max).min(1)
     block_range = first_token // lay.range_tokens
     order = table.block_order.numpy()[:used] if windowed else np.arange(used)
-    return Routing(table, block_t, rows_token, rank_of_t.numpy()[block_t], block_range,
-                   indices.shape[0], order)
+    return Routing(
+        table, block_t, rows_token, rank_of_t.numpy()[block_t], block_range, indices.shape[0], order
+    )
 
 
-def _row_accesses(stream: _Stream, step: np.ndarray, tokens: np.ndarray, namespace: int,
-                  size: float, kind: int, width_tile: np.ndarray | None = None,
-                  n_tiles: int = 1) -> None:
+def _row_accesses(
+    stream: _Stream,
+    step: np.ndarray,
+    tokens: np.ndarray,
+    namespace: int,
+    size: float,
+    kind: int,
+    width_tile: np.ndarray | None = None,
+    n_tiles: int = 1,
+) -> None:
     """One access per routed row of each step's block: tokens [steps, BLOCK_M] (-1: padding)."""
     ok = tokens >= 0
     s = np.broadcast_to(step[:, None], tokens.shape)[ok]
@@ -192,13 +209,21 @@ def _row_accesses(stream: _Stream, step: np.ndarray, tokens: np.ndarray, namespa
     if width_tile is None:
         obj = _ids(namespace, tok)
     else:
-        obj = _ids(namespace, tok, np.broadcast_to(width_tile[:, None], tokens.shape)[ok],
-                   dims=(n_tiles,))
+        obj = _ids(
+            namespace, tok, np.broadcast_to(width_tile[:, None], tokens.shape)[ok], dims=(n_tiles,)
+        )
     stream.access(s, obj, size, kind)
 
 
-def shrink_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, backward: bool,
-                   slots: int, capacities: tuple[float, ...]) -> Traffic:
+def shrink_traffic(
+    r: Routing,
+    width: int,
+    cfg_tiles: dict,
+    elem: int,
+    backward: bool,
+    slots: int,
+    capacities: tuple[float, ...],
+) -> Traffic:
     """Shrink: a program per block (launch order ``r.order``), per rank tile: the rows'
     activation (``width`` wide), the weight tile, the h tile written (backward: h_pre read too)."""
     m, br = cfg_tiles["BLOCK_M"], cfg_tiles["BLOCK_R"]
@@ -218,9 +243,16 @@ def shrink_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, backward:
     return stream.simulate(slots, capacities)
 
 
-def expand_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, atomic: bool,
-                   slots: int, capacities: tuple[float, ...], width_fastest: bool = False,
-                   ) -> Traffic:
+def expand_traffic(
+    r: Routing,
+    width: int,
+    cfg_tiles: dict,
+    elem: int,
+    atomic: bool,
+    slots: int,
+    capacities: tuple[float, ...],
+    width_fastest: bool = False,
+) -> Traffic:
     """Combine. Deterministic: a program per (token range, width tile), range fastest; it writes
     its range's accumulator slice, walks the range's blocks (h tile, weight tile, read-modify-
     write of the rows' fp32 slices) and casts the slice out. Atomic: a program per (block in
@@ -239,14 +271,18 @@ def expand_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, atomic: b
             wt, blk = np.repeat(np.arange(n_tiles), nb), np.tile(blocks, n_tiles)
         step = stream.steps(np.arange(nb * n_tiles), flops[blk])
         stream.access(step, _ids(1, blk), m * r.rank[blk] * elem, READ)
-        stream.access(step, _ids(2, r.block_t[blk], wt, dims=(n_tiles,)),
-                      r.rank[blk] * bn * elem, READ)
+        stream.access(
+            step, _ids(2, r.block_t[blk], wt, dims=(n_tiles,)), r.rank[blk] * bn * elem, READ
+        )
         _row_accesses(stream, step, r.rows_token[blk], 3, bn * 4, RED, wt, n_tiles)
         traffic = stream.simulate(slots, capacities)
         fill_and_cast = r.n_tokens * width * (4 + 4 + elem)
-        return Traffic(traffic.l2_bytes + fill_and_cast,
-                       tuple(h + fill_and_cast for h in traffic.hbm_bytes), traffic.programs,
-                       traffic.imbalance)
+        return Traffic(
+            traffic.l2_bytes + fill_and_cast,
+            tuple(h + fill_and_cast for h in traffic.hbm_bytes),
+            traffic.programs,
+            traffic.imbalance,
+        )
     n_ranges = int(r.table.range_start.shape[0] - 1)
     range_tokens = -(-r.n_tokens // n_ranges)
     # Blocks of each range in table order (the kernel walks range_blocks).
@@ -258,15 +294,17 @@ def expand_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, atomic: b
     tok_range = tok // range_tokens
     tok_steps = init.reshape(n_tiles, n_ranges)[:, tok_range]  # [tiles, tokens]
     wt_tok = np.broadcast_to(np.arange(n_tiles)[:, None], tok_steps.shape)
-    stream.access(tok_steps.reshape(-1), _ids(3, np.broadcast_to(tok, tok_steps.shape),
-                                              wt_tok, dims=(n_tiles,)).reshape(-1),
-                  bn * 4, WRITE)
+    stream.access(
+        tok_steps.reshape(-1),
+        _ids(3, np.broadcast_to(tok, tok_steps.shape), wt_tok, dims=(n_tiles,)).reshape(-1),
+        bn * 4,
+        WRITE,
+    )
     blk = np.tile(by_range, n_tiles)
     wt = np.repeat(np.arange(n_tiles), len(by_range))
     step = stream.steps(r.block_range[blk] + n_ranges * wt, flops[blk])
     stream.access(step, _ids(1, blk), m * r.rank[blk] * elem, READ)
-    stream.access(step, _ids(2, r.block_t[blk], wt, dims=(n_tiles,)), r.rank[blk] * bn * elem,
-                  READ)
+    stream.access(step, _ids(2, r.block_t[blk], wt, dims=(n_tiles,)), r.rank[blk] * bn * elem, READ)
     _row_accesses(stream, step, r.rows_token[blk], 3, bn * 4, RMW, wt, n_tiles)
     cast = stream.steps(prog_of.reshape(-1), np.zeros(n_ranges * n_tiles))
     cast_steps = cast.reshape(n_tiles, n_ranges)[:, tok_range].reshape(-1)
@@ -276,8 +314,9 @@ def expand_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, atomic: b
     return stream.simulate(slots, capacities)
 
 
-def xty_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, slots: int,
-                capacities: tuple[float, ...]) -> Traffic:
+def xty_traffic(
+    r: Routing, width: int, cfg_tiles: dict, elem: int, slots: int, capacities: tuple[float, ...]
+) -> Traffic:
     """X^T Y: a program per ((transform, rank tile) item, width tile), item fastest; it walks the
     transform's blocks: the rows' activation slices and the block's h tile; writes its output."""
     bp, bq = cfg_tiles["BLOCK_P"], cfg_tiles["BLOCK_Q"]
@@ -298,7 +337,8 @@ def xty_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, slots: int,
     # Steps: (width tile, item, block of t).
     per_item = t_count[item_t]
     item_blk = np.repeat(t_first[item_t], per_item) + (
-        np.arange(per_item.sum()) - np.repeat(np.cumsum(per_item) - per_item, per_item))
+        np.arange(per_item.sum()) - np.repeat(np.cumsum(per_item) - per_item, per_item)
+    )
     item_of = np.repeat(np.arange(n_items), per_item)
     blk = np.tile(item_blk, n_tiles)
     it = np.tile(item_of, n_tiles)
@@ -308,7 +348,10 @@ def xty_traffic(r: Routing, width: int, cfg_tiles: dict, elem: int, slots: int,
     _row_accesses(stream, step, r.rows_token[blk], 1, bp * elem, READ, wt, n_tiles)
     stream.access(step, _ids(2, blk, item_q[it], dims=(64,)), m * tile_q * elem, READ)
     done = stream.steps(np.arange(n_items * n_tiles), np.zeros(n_items * n_tiles))
-    stream.access(done, _ids(3, np.arange(n_items * n_tiles)),
-                  bp * np.tile(np.minimum(bq, rank_t[item_t] - item_q * bq), n_tiles) * elem,
-                  WRITE)
+    stream.access(
+        done,
+        _ids(3, np.arange(n_items * n_tiles)),
+        bp * np.tile(np.minimum(bq, rank_t[item_t] - item_q * bq), n_tiles) * elem,
+        WRITE,
+    )
     return stream.simulate(slots, capacities)

@@ -162,8 +162,8 @@ DEEP_TILE = {"half": 64, "full": 16}
 # under about half the rows, while every block re-reads its transform's weights (from L2), so
 # longer blocks win on these L2-bound kernels (``tools/schedule_sim.py``: at d=2304, k=32 the
 # shrink's L2 bytes are mostly weights at BLOCK_M=32). The deterministic combine stops at
-# DETERMINISTIC_BLOCK_M: its 128-row blocks would need half-width tiles (see ``expand``), which
-# doubles its programs past one wave.
+# DETERMINISTIC_BLOCK_M: 128-row blocks take half-width tiles (see ``expand``), which would
+# double its programs past one wave.
 MAX_BLOCK_M, DETERMINISTIC_BLOCK_M = 128, 64
 # Token ranges of the deterministic combine: at most one wave of (range, width tile) programs on
 # the GPU (PROGRAMS_PER_SM per SM; a 2nd, partial wave would double the kernel's time), each range
@@ -320,9 +320,9 @@ def mixture_config(
                        BLOCK_M=m, BLOCK_R=tile_r, BLOCK_K=bk)
 
     def expand(n: int) -> Launch:
-        # The deterministic combine's read-modify-write holds a second [BLOCK_M, BLOCK_N] tile:
-        # 128 x 128 spills on sm_80 and sm_90, so its 128-row blocks take half-width tiles.
-        bn = _pow2_tile(n, wide if m < MAX_BLOCK_M or not deterministic else wide // 2)
+        # 128 x 128 spills on sm_80 (the read-modify-write tile, or the atomics' 64-bit address
+        # tile), so 128-row blocks take half-width tiles.
+        bn = _pow2_tile(n, wide if m < MAX_BLOCK_M else wide // 2)
         # The combine also holds the read-modify-write tile and the gated h tile: 8 warps
         # (4 spill on sm_80 and sm_90 at BLOCK_M 16 and 32).
         return _launch(kind, (m, bn), acc, (m * tile_r + tile_r * bn) * elem, big=True,

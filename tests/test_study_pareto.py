@@ -49,11 +49,12 @@ def test_pareto_json_has_one_finite_record_per_point(report):
     assert saved["points"] == records
     assert saved["meta"]["config"]["steps"] == TINY.steps
     assert 0 < saved["meta"]["mean_ablation_embedding_cosine"]["2"] < 1
-    assert len(records) == len(TINY.points()) == 5
+    assert len(records) == len(TINY.points()) == 6
     assert {(r["kind"], r["gating"]) for r in records} == {
         ("molt", "threshold"),
         ("molt", "topk"),
         ("molt-uniform", "topk"),
+        ("molt-uniform", "threshold"),
         ("transcoder", "topk"),
     }
     for r in records:
@@ -132,7 +133,8 @@ def test_every_point_layer_is_parameter_matched():
         params = sum(p.numel() for p in layer.parameters())
         paper = pareto.FULL.paper_config(None).n_parameters()
         assert abs(params / paper - 1) < pareto.MAX_PARAM_MISMATCH, spec
-    assert len({s.curve for s in pareto.FULL.points()}) == 4
+    assert len({s.curve for s in pareto.FULL.points()}) == 5
+    assert len({s.curve for s in pareto.QUICK.points()}) == 4  # no threshold-gated uniform
     for curve in {s.curve for s in pareto.QUICK.points()}:
         assert sum(s.curve == curve for s in pareto.QUICK.points()) >= 5
 

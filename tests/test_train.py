@@ -31,8 +31,7 @@ def activations():
 def fit(x, y, seed=0, **kwargs):
     torch.manual_seed(seed)
     layer = MOLT(MOLTConfig.paper(384, 1, None, init_l0=8))
-    settings = dict(steps=80, batch_size=256, log_every=20, dead_window_tokens=2048,
-                    progress=False)
+    settings = dict(steps=80, batch_size=256, log_every=20, dead_window_tokens=2048, progress=False)
     return layer, train(layer, x, y, TrainConfig(**{**settings, **kwargs}))
 
 
@@ -121,3 +120,28 @@ def test_training_reopens_dead_transcoder_features(activations):
         )
     assert min(logs[None].dead_fraction[1:]) > 0.33
     assert logs[10].dead_fraction[-1] < 0.1
+
+
+def test_transcoder_decoder_starts_at_zero_and_large_k_keeps_its_features(activations):
+    # With a random (tied) decoder, a k=64 transcoder's random output at init is large, and the
+    # encoder learned to silence features to cancel it: on MiniLM layer 3 it kept ~25 of its
+    # 64 activations positive. A zero decoder starts at the mean output and keeps them all.
+    from molt_kernels.interp.metrics import fvu
+    from molt_kernels.interp.train import init_from_data
+    from molt_kernels.layers.flops import matched_transcoder
+    from molt_kernels.layers.transcoder import TopKTranscoder
+
+    x, y = activations
+    cfg = matched_transcoder(MOLTConfig.paper(384, 1, None), k=64)
+    torch.manual_seed(0)
+    tc = TopKTranscoder(cfg)
+    init_from_data(tc, x[:2048], y[:2048])
+    assert not tc.W_dec.any()
+    torch.testing.assert_close(tc(x[:8]), y[:2048].mean(0).expand(8, -1))
+    torch.manual_seed(0)
+    tc = TopKTranscoder(cfg)
+    settings = dict(steps=60, batch_size=256, lr=3e-3, log_every=20, progress=False)
+    log = train(tc, x, y, TrainConfig(**settings))
+    assert log.l0[-1] > 0.9 * cfg.k, log.l0
+    with torch.no_grad():
+        assert fvu(tc(x[-1024:]), y[-1024:]) < 0.35

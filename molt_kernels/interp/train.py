@@ -127,7 +127,7 @@ def init_from_data(layer: nn.Module, x: Tensor, y: Tensor) -> None:
     scaled to the outputs' spread and b_dec (if any) set to their mean. With
     ``cfg.standardize`` the standardisation statistics are set from x and y first (per-dimension
     mean and std), and the rest is fitted in the standardised space. Transcoder: W_enc rescaled,
-    b_dec set.
+    b_dec set to the outputs' mean and W_dec zeroed (its output starts at the mean).
     """
     dtype = next(layer.parameters()).dtype
     x = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -145,6 +145,12 @@ def init_from_data(layer: nn.Module, x: Tensor, y: Tensor) -> None:
         layer.b_dec.copy_(y.mean(0))
     if not isinstance(layer, MOLT):
         layer.W_enc.div_(x_rms)
+        # A transcoder's decoder starts at zero (as sparsify does): output = b_dec = the mean.
+        # A random decoder adds noise of size ~sqrt(k) to every output, and at large k the
+        # encoder learns to silence features to cancel it before it learns to reconstruct (on
+        # MiniLM layer 3, k=64 of 1294, 300 steps: 25 of 64 activations positive, held-out FVU
+        # 0.31 tied, 0.15 zero).
+        layer.W_dec.zero_()
         return
     layer.W_gate.div_(x_rms)
     for u, v in zip(layer.U, layer.V):

@@ -10,7 +10,9 @@ the same training tokens and evaluated on the same held-out tokens:
   scaled by the transforms' Frobenius norms, over a sweep of the sparsity coefficient;
 - ``molt`` / ``topk``: the same allocation gated by a top-k, over a k sweep (no penalty);
 - ``molt-uniform`` / ``topk``: one rank for every transform, with the paper allocation's parameter
-  count (within 1%), over the same k sweep;
+  count (within 1%), over the same k sweep; and, with ``uniform_threshold`` (the full run), the
+  same uniform allocation threshold-gated over the threshold curve's coefficient sweep (the
+  paper's own ablation setting);
 - ``transcoder`` / ``topk``: the TopK transcoder with the paper allocation's parameter count
   (:func:`molt_kernels.layers.flops.matched_transcoder`), over a k sweep.
 
@@ -125,6 +127,7 @@ class StudyConfig:
     threshold-gated MOLT's gate and the transforms it opens per token at init.
     ``train_tokens`` None: every training token the texts give (~115k per layer).
     ``workers``: processes training points in parallel, ``threads`` torch threads each.
+    ``uniform_threshold``: also train the uniform allocation with threshold gating.
     """
 
     layers: tuple[int, ...] = (1, 3)
@@ -144,6 +147,7 @@ class StudyConfig:
     embedding_texts: int = 128
     workers: int = 2
     threads: int = 1
+    uniform_threshold: bool = True
 
     def __post_init__(self) -> None:
         for name in ("layers", "seeds", "sparsity_coefs", "molt_ks", "transcoder_ks"):
@@ -163,6 +167,10 @@ class StudyConfig:
             [PointSpec("molt", "threshold", None, c) for c in self.sparsity_coefs]
             + [PointSpec("molt", "topk", k, 0.0) for k in self.molt_ks]
             + [PointSpec("molt-uniform", "topk", k, 0.0) for k in self.molt_ks]
+            + [
+                PointSpec("molt-uniform", "threshold", None, c)
+                for c in (self.sparsity_coefs if self.uniform_threshold else ())
+            ]
             + [PointSpec("transcoder", "topk", k, 0.0) for k in self.transcoder_ks]
         )
 
@@ -181,6 +189,7 @@ QUICK = StudyConfig(
     eval_tokens=4096,
     jacobian_tokens=128,
     embedding_texts=64,
+    uniform_threshold=False,  # keeps --quick under 10 minutes on 2 cores
 )
 
 
@@ -725,7 +734,8 @@ def parse_args(argv: Sequence[str]) -> tuple[StudyConfig, argparse.Namespace]:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="reduced: layer 3, seed 0, 300 steps on 32k training tokens",
+        help="reduced: layer 3, seed 0, 300 steps on 32k training tokens, no threshold-gated "
+        "uniform curve",
     )
     parser.add_argument("--layers", type=int, nargs="+", help="MiniLM layers (0-5)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds")

@@ -27,6 +27,7 @@ TINY = pareto.StudyConfig(
     jacobian_tokens=6,
     embedding_texts=3,
     workers=1,
+    uniform_threshold=True,
 )
 
 
@@ -127,14 +128,15 @@ def test_uniform_allocation_matches_the_paper_parameters():
 
 
 def test_every_point_layer_is_parameter_matched():
-    for spec in pareto.FULL.points():
+    every_curve = replace(pareto.FULL, uniform_threshold=True)
+    for spec in every_curve.points():
         torch.manual_seed(0)
-        layer = pareto.build_layer(pareto.FULL, spec)
+        layer = pareto.build_layer(every_curve, spec)
         params = sum(p.numel() for p in layer.parameters())
         paper = pareto.FULL.paper_config(None).n_parameters()
         assert abs(params / paper - 1) < pareto.MAX_PARAM_MISMATCH, spec
-    assert len({s.curve for s in pareto.FULL.points()}) == 5
-    assert len({s.curve for s in pareto.QUICK.points()}) == 4  # no threshold-gated uniform
+    assert len({s.curve for s in every_curve.points()}) == 5
+    assert len({s.curve for s in pareto.FULL.points()}) == 4  # the uniform curve with top-k only
     for curve in {s.curve for s in pareto.QUICK.points()}:
         assert sum(s.curve == curve for s in pareto.QUICK.points()) >= 5
 
@@ -142,6 +144,9 @@ def test_every_point_layer_is_parameter_matched():
 def test_cli_options_and_errors(capsys):
     study, _ = pareto.parse_args(["--out", "x", "--quick", "--layers", "0", "4", "--seeds", "3"])
     assert study.layers == (0, 4) and study.seeds == (3,) and study.steps == pareto.QUICK.steps
+    assert not study.uniform_threshold
+    study, _ = pareto.parse_args(["--out", "x", "--uniform-threshold"])
+    assert study.uniform_threshold and study.steps == pareto.FULL.steps
     with pytest.raises(SystemExit):
         pareto.parse_args(["--out", "x", "--layers", "6"])
     with pytest.raises(ValueError, match="molt_ks"):

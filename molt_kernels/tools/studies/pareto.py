@@ -138,10 +138,10 @@ class StudyConfig:
     sparsity_coefs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     molt_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
     transcoder_ks: tuple[int, ...] = (4, 8, 16, 32, 64)
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 512
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
-    train_tokens: int | None = None
+    train_tokens: int | None = 65536
     eval_tokens: int = 8192
     jacobian_tokens: int = 128
     embedding_texts: int = 64

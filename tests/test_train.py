@@ -119,7 +119,9 @@ def test_training_reopens_dead_transcoder_features(activations):
             tc, x, y, TrainConfig(**settings, revive_every=revive, dead_window_tokens=2048)
         )
     assert min(logs[None].dead_fraction[1:]) > 0.33
-    assert logs[10].dead_fraction[-1] < 0.1
+    # ~12% is the level with no feature shut: the decoder starts at zero, so after 40 steps some
+    # features have not fired in the last 2048 tokens (43% without reopening).
+    assert logs[10].dead_fraction[-1] < 0.2
 
 
 def test_transcoder_decoder_starts_at_zero_and_large_k_keeps_its_features(activations):

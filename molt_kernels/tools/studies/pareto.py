@@ -701,8 +701,8 @@ def write_plots(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.set_xlabel(x_label)
             ax.set_title(f"MiniLM layer {layer} MLP")
             ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)  # per panel: layers can have different curves
         axes[0][0].set_ylabel(y_label)
-        axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=90)

@@ -17,6 +17,7 @@
 // exactly one unit. So results are bitwise identical across runs and thread counts.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -260,6 +261,7 @@ struct Scratch {
 // Per-transform phase of the forward, in row chunks of kRowChunk: h_pre rows = X_rows V_t^T.
 template <typename scalar_t>
 void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_pre) {
+  RECORD_FUNCTION("lowrank_mixture_cpu::shrink", std::vector<c10::IValue>());
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (transform, first row)
   for (int64_t t = 0; t < p.n_transforms; ++t)
     for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += kRowChunk)
@@ -282,27 +284,26 @@ void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_p
 }
 
 // Per token tile: out[token] = init + sum over the token's rows, in transform order, of
-// (scale_row * rank_row) W_t, where rank rows have the h_pre layout, scale is the row's gate (or
-// 1 when gates is null) and W_t is [r_t, width] (w_transposed: stored [width, r_t]).
+// scale_row * (rank_row W_t), where rank rows have the h_pre layout, scale is the row's gate (or
+// 1 when gates is null) and W_t is [r_t, width] (w_transposed: stored [width, r_t]). The scale is
+// applied while adding the product into out, which reads it anyway.
 template <typename scalar_t>
 void expand_to_tokens(const Problem<scalar_t>& p, const scalar_t* rank_rows, const scalar_t* gates,
                       const std::vector<const scalar_t*>& W, bool w_transposed, int64_t width,
                       const scalar_t* init, scalar_t* out) {
+  RECORD_FUNCTION("lowrank_mixture_cpu::expand", std::vector<c10::IValue>());
   const int64_t tile = p.tile_tokens();
   const int64_t n_tiles = (p.n_tokens + tile - 1) / tile;
-  const int64_t max_rank = *std::max_element(p.rank.begin(), p.rank.end());
   const int64_t max_rows = tile * p.n_slots;
   for_each_unit(
       n_tiles,
       [&] {
         Scratch s;
-        s.take<scalar_t>(max_rows * max_rank);
         s.take<scalar_t>(max_rows * width);
         return s;
       },
       [&](Scratch& s, int64_t u) {
-        scalar_t* scaled = s.keep[0].data_ptr<scalar_t>();
-        scalar_t* prod = s.keep[1].data_ptr<scalar_t>();
+        scalar_t* prod = s.keep[0].data_ptr<scalar_t>();
         const int64_t tok0 = u * tile, tok1 = std::min(p.n_tokens, tok0 + tile);
         for (int64_t n = tok0; n < tok1; ++n) {
           if (init != nullptr) {
@@ -316,19 +317,17 @@ void expand_to_tokens(const Problem<scalar_t>& p, const scalar_t* rank_rows, con
           const int64_t m = row1 - row0, r = p.rank[t];
           if (m == 0) continue;
           const scalar_t* a = rank_rows + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
-          if (gates != nullptr) {
-            for (int64_t i = 0; i < m; ++i) {
-              const scalar_t g = gates[p.row_pair[row0 + i]];
-              for (int64_t j = 0; j < r; ++j) scaled[i * r + j] = g * a[i * r + j];
-            }
-            a = scaled;
-          }
           matmul<scalar_t>(false, w_transposed, m, width, r, a, r, W[t], w_transposed ? r : width,
                            0, prod, width);
           for (int64_t i = 0; i < m; ++i) {
             scalar_t* dst = out + p.token(row0 + i) * width;
             const scalar_t* src = prod + i * width;
-            for (int64_t j = 0; j < width; ++j) dst[j] += src[j];
+            if (gates != nullptr) {
+              const scalar_t g = gates[p.row_pair[row0 + i]];
+              for (int64_t j = 0; j < width; ++j) dst[j] += g * src[j];
+            } else {
+              for (int64_t j = 0; j < width; ++j) dst[j] += src[j];
+            }
           }
         }
       });
@@ -369,6 +368,7 @@ void backward_transforms(const Problem<scalar_t>& p, const scalar_t* grad_y, con
                          const scalar_t* gates, const scalar_t* h_pre, scalar_t* dh_pre,
                          scalar_t* dgates, const std::vector<scalar_t*>& dU,
                          const std::vector<scalar_t*>& dV) {
+  RECORD_FUNCTION("lowrank_mixture_cpu::backward_transforms", std::vector<c10::IValue>());
   const int64_t max_rank = *std::max_element(p.rank.begin(), p.rank.end());
   const int64_t width = std::max(p.d_in, p.d_out);
   // Largest transforms first, so the last units to run are small ones.

@@ -145,6 +145,13 @@ struct Problem {
   std::vector<int64_t> h_offset;      // [T + 1], in elements of h_pre
 
   int64_t rows(int64_t t) const { return t_offsets[t + 1] - t_offsets[t]; }
+
+  // Rows per chunk of transform t: at most kRowChunk, and equal chunks (557 rows -> 279 + 278,
+  // not 512 + 45: a sliver of rows is a GEMM far below BLAS speed).
+  int64_t chunk_rows(int64_t t) const {
+    const int64_t n_chunks = std::max<int64_t>(1, (rows(t) + kRowChunk - 1) / kRowChunk);
+    return (rows(t) + n_chunks - 1) / n_chunks;
+  }
   int64_t token(int64_t row) const { return row_pair[row] / n_slots; }
 
   // Tokens per tile: about kTileRows rows of an average transform, at least kMinTiles tiles.
@@ -258,13 +265,13 @@ struct Scratch {
   }
 };
 
-// Per-transform phase of the forward, in row chunks of kRowChunk: h_pre rows = X_rows V_t^T.
+// Per-transform phase of the forward, in row chunks (chunk_rows): h_pre rows = X_rows V_t^T.
 template <typename scalar_t>
 void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_pre) {
   RECORD_FUNCTION("lowrank_mixture_cpu::shrink", std::vector<c10::IValue>());
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (transform, first row)
   for (int64_t t = 0; t < p.n_transforms; ++t)
-    for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += kRowChunk)
+    for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += p.chunk_rows(t))
       chunks.emplace_back(t, row0);
   for_each_unit(
       static_cast<int64_t>(chunks.size()),
@@ -275,7 +282,7 @@ void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_p
       },
       [&](Scratch& s, int64_t u) {
         const auto [t, row0] = chunks[u];
-        const int64_t m = std::min(kRowChunk, p.t_offsets[t + 1] - row0), r = p.rank[t];
+        const int64_t m = std::min(p.chunk_rows(t), p.t_offsets[t + 1] - row0), r = p.rank[t];
         scalar_t* xs = s.keep[0].data_ptr<scalar_t>();
         gather_rows(xs, x, m, p.d_in, [&](int64_t i) { return p.token(row0 + i); });
         scalar_t* h = h_pre + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
@@ -360,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lowrank_mixture_cpu(const Tensor& x,
   return {y, row_pair, t_offsets, h_pre};
 }
 
-// Per-transform phase of the backward, in row chunks of kRowChunk (dU_t and dV_t accumulate over
+// Per-transform phase of the backward, in row chunks (chunk_rows; dU_t and dV_t accumulate over
 // the chunks in order): dH = dY U_t; dgate = rowsum(dH * h_pre); dU_t = dY^T (g h_pre);
 // dH_pre = g dH (kept for dx); dV_t = dH_pre^T X.
 template <typename scalar_t>
@@ -397,8 +404,9 @@ void backward_transforms(const Problem<scalar_t>& p, const scalar_t* grad_y, con
           if (!dV.empty()) std::fill_n(dV[t], r * p.d_in, scalar_t(0));
           return;
         }
-        for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += kRowChunk) {
-          const int64_t m = std::min(kRowChunk, p.t_offsets[t + 1] - row0);
+        const int64_t chunk = p.chunk_rows(t);
+        for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += chunk) {
+          const int64_t m = std::min(chunk, p.t_offsets[t + 1] - row0);
           const scalar_t beta = row0 == p.t_offsets[t] ? scalar_t(0) : scalar_t(1);
           const scalar_t* h = h_pre + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
           gather_rows(b.rows, grad_y, m, p.d_out, [&](int64_t i) { return p.token(row0 + i); });

@@ -17,6 +17,7 @@
 // exactly one unit. So results are bitwise identical across runs and thread counts.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -144,6 +145,13 @@ struct Problem {
   std::vector<int64_t> h_offset;      // [T + 1], in elements of h_pre
 
   int64_t rows(int64_t t) const { return t_offsets[t + 1] - t_offsets[t]; }
+
+  // Rows per chunk of transform t: at most kRowChunk, and equal chunks (557 rows -> 279 + 278,
+  // not 512 + 45: a sliver of rows is a GEMM far below BLAS speed).
+  int64_t chunk_rows(int64_t t) const {
+    const int64_t n_chunks = std::max<int64_t>(1, (rows(t) + kRowChunk - 1) / kRowChunk);
+    return (rows(t) + n_chunks - 1) / n_chunks;
+  }
   int64_t token(int64_t row) const { return row_pair[row] / n_slots; }
 
   // Tokens per tile: about kTileRows rows of an average transform, at least kMinTiles tiles.
@@ -257,12 +265,13 @@ struct Scratch {
   }
 };
 
-// Per-transform phase of the forward, in row chunks of kRowChunk: h_pre rows = X_rows V_t^T.
+// Per-transform phase of the forward, in row chunks (chunk_rows): h_pre rows = X_rows V_t^T.
 template <typename scalar_t>
 void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_pre) {
+  RECORD_FUNCTION("lowrank_mixture_cpu::shrink", std::vector<c10::IValue>());
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (transform, first row)
   for (int64_t t = 0; t < p.n_transforms; ++t)
-    for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += kRowChunk)
+    for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += p.chunk_rows(t))
       chunks.emplace_back(t, row0);
   for_each_unit(
       static_cast<int64_t>(chunks.size()),
@@ -273,7 +282,7 @@ void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_p
       },
       [&](Scratch& s, int64_t u) {
         const auto [t, row0] = chunks[u];
-        const int64_t m = std::min(kRowChunk, p.t_offsets[t + 1] - row0), r = p.rank[t];
+        const int64_t m = std::min(p.chunk_rows(t), p.t_offsets[t + 1] - row0), r = p.rank[t];
         scalar_t* xs = s.keep[0].data_ptr<scalar_t>();
         gather_rows(xs, x, m, p.d_in, [&](int64_t i) { return p.token(row0 + i); });
         scalar_t* h = h_pre + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
@@ -282,27 +291,26 @@ void forward_shrink(const Problem<scalar_t>& p, const scalar_t* x, scalar_t* h_p
 }
 
 // Per token tile: out[token] = init + sum over the token's rows, in transform order, of
-// (scale_row * rank_row) W_t, where rank rows have the h_pre layout, scale is the row's gate (or
-// 1 when gates is null) and W_t is [r_t, width] (w_transposed: stored [width, r_t]).
+// scale_row * (rank_row W_t), where rank rows have the h_pre layout, scale is the row's gate (or
+// 1 when gates is null) and W_t is [r_t, width] (w_transposed: stored [width, r_t]). The scale is
+// applied while adding the product into out, which reads it anyway.
 template <typename scalar_t>
 void expand_to_tokens(const Problem<scalar_t>& p, const scalar_t* rank_rows, const scalar_t* gates,
                       const std::vector<const scalar_t*>& W, bool w_transposed, int64_t width,
                       const scalar_t* init, scalar_t* out) {
+  RECORD_FUNCTION("lowrank_mixture_cpu::expand", std::vector<c10::IValue>());
   const int64_t tile = p.tile_tokens();
   const int64_t n_tiles = (p.n_tokens + tile - 1) / tile;
-  const int64_t max_rank = *std::max_element(p.rank.begin(), p.rank.end());
   const int64_t max_rows = tile * p.n_slots;
   for_each_unit(
       n_tiles,
       [&] {
         Scratch s;
-        s.take<scalar_t>(max_rows * max_rank);
         s.take<scalar_t>(max_rows * width);
         return s;
       },
       [&](Scratch& s, int64_t u) {
-        scalar_t* scaled = s.keep[0].data_ptr<scalar_t>();
-        scalar_t* prod = s.keep[1].data_ptr<scalar_t>();
+        scalar_t* prod = s.keep[0].data_ptr<scalar_t>();
         const int64_t tok0 = u * tile, tok1 = std::min(p.n_tokens, tok0 + tile);
         for (int64_t n = tok0; n < tok1; ++n) {
           if (init != nullptr) {
@@ -316,19 +324,17 @@ void expand_to_tokens(const Problem<scalar_t>& p, const scalar_t* rank_rows, con
           const int64_t m = row1 - row0, r = p.rank[t];
           if (m == 0) continue;
           const scalar_t* a = rank_rows + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
-          if (gates != nullptr) {
-            for (int64_t i = 0; i < m; ++i) {
-              const scalar_t g = gates[p.row_pair[row0 + i]];
-              for (int64_t j = 0; j < r; ++j) scaled[i * r + j] = g * a[i * r + j];
-            }
-            a = scaled;
-          }
           matmul<scalar_t>(false, w_transposed, m, width, r, a, r, W[t], w_transposed ? r : width,
                            0, prod, width);
           for (int64_t i = 0; i < m; ++i) {
             scalar_t* dst = out + p.token(row0 + i) * width;
             const scalar_t* src = prod + i * width;
-            for (int64_t j = 0; j < width; ++j) dst[j] += src[j];
+            if (gates != nullptr) {
+              const scalar_t g = gates[p.row_pair[row0 + i]];
+              for (int64_t j = 0; j < width; ++j) dst[j] += g * src[j];
+            } else {
+              for (int64_t j = 0; j < width; ++j) dst[j] += src[j];
+            }
           }
         }
       });
@@ -361,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lowrank_mixture_cpu(const Tensor& x,
   return {y, row_pair, t_offsets, h_pre};
 }
 
-// Per-transform phase of the backward, in row chunks of kRowChunk (dU_t and dV_t accumulate over
+// Per-transform phase of the backward, in row chunks (chunk_rows; dU_t and dV_t accumulate over
 // the chunks in order): dH = dY U_t; dgate = rowsum(dH * h_pre); dU_t = dY^T (g h_pre);
 // dH_pre = g dH (kept for dx); dV_t = dH_pre^T X.
 template <typename scalar_t>
@@ -369,6 +375,7 @@ void backward_transforms(const Problem<scalar_t>& p, const scalar_t* grad_y, con
                          const scalar_t* gates, const scalar_t* h_pre, scalar_t* dh_pre,
                          scalar_t* dgates, const std::vector<scalar_t*>& dU,
                          const std::vector<scalar_t*>& dV) {
+  RECORD_FUNCTION("lowrank_mixture_cpu::backward_transforms", std::vector<c10::IValue>());
   const int64_t max_rank = *std::max_element(p.rank.begin(), p.rank.end());
   const int64_t width = std::max(p.d_in, p.d_out);
   // Largest transforms first, so the last units to run are small ones.
@@ -397,8 +404,9 @@ void backward_transforms(const Problem<scalar_t>& p, const scalar_t* grad_y, con
           if (!dV.empty()) std::fill_n(dV[t], r * p.d_in, scalar_t(0));
           return;
         }
-        for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += kRowChunk) {
-          const int64_t m = std::min(kRowChunk, p.t_offsets[t + 1] - row0);
+        const int64_t chunk = p.chunk_rows(t);
+        for (int64_t row0 = p.t_offsets[t]; row0 < p.t_offsets[t + 1]; row0 += chunk) {
+          const int64_t m = std::min(chunk, p.t_offsets[t + 1] - row0);
           const scalar_t beta = row0 == p.t_offsets[t] ? scalar_t(0) : scalar_t(1);
           const scalar_t* h = h_pre + p.h_offset[t] + (row0 - p.t_offsets[t]) * r;
           gather_rows(b.rows, grad_y, m, p.d_out, [&](int64_t i) { return p.token(row0 + i); });

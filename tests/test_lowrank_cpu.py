@@ -148,13 +148,17 @@ def test_disabled_by_environment(monkeypatch):
     assert not cpu.usable_for(x.half())
 
 
-def test_fp32_gate_topk_packed_keys_follow_the_tie_rule():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_topk_follows_the_tie_rule(decode_impl, dtype):
+    """The C++ selection (fp32, fp64) and the PyTorch one (fp32 packed keys, fp64 order keys)."""
     from molt_kernels.ops.gate_topk import pytorch as gate
 
     for trial in range(30):
         n, t = 40, int(torch.randint(8, 300, ()))
         k = int(torch.randint(1, min(t, 40), ()))
-        v = torch.randn(n, t).relu()
+        v = torch.randn(n, t, dtype=dtype)
+        if trial % 3:  # relu's ties at zero; else negative values too
+            v = v.relu()
         v[torch.rand(n, t) < 0.1] = float("nan") if trial % 2 else 0.5
         for special in (float("inf"), -0.0, -float("inf")):
             v[torch.rand(n, t) < 0.05] = special
@@ -163,11 +167,10 @@ def test_fp32_gate_topk_packed_keys_follow_the_tie_rule():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_torch_backend_compiles_with_fullgraph(dtype):
-    # The gate's top-k (no data-dependent branch while compiling) and the extension's decode (no
-    # .tolist(); h_pre's data-dependent length is an unbacked size) trace as one graph.
-    if cpu.load_extension() is None:
-        pytest.skip("CPU extension unavailable: the PyTorch decode reads the routing on the host")
+def test_torch_backend_compiles_with_fullgraph(decode_impl, dtype):
+    # The gate's top-k (no data-dependent branch while compiling) and either decode trace as one
+    # graph: the extension's h_pre length, and the PyTorch decode's used blocks per bucket (read
+    # with .tolist()), are unbacked sizes returned as outputs of the autograd Function.
     from molt_kernels import MOLT, MOLTConfig
 
     torch._dynamo.reset()

@@ -459,3 +459,20 @@ def test_nan_gate_weight_behaves_alike_on_every_backend(activation):
     for backend in ("torch", "triton"):
         for got, want in zip(results[backend], results["reference"]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def test_gate_gradient_row_check_sees_bad_rows_behind_an_overflowing_sum():
+    """The gate backward's clean-input test is one sum: finite rows whose sum overflows must take
+    the exact check and come out clean, and a NaN or Inf row must be found either way."""
+    from molt_kernels.ops.gate_topk.linear import _bad_rows
+
+    big = torch.full((3, 4), 3e38)  # finite, but the float32 sum is inf
+    assert _bad_rows(big).tolist() == []
+    assert _bad_rows(torch.randn(3, 4)).tolist() == []
+    for bad in (NAN, float("inf"), -float("inf")):
+        t = torch.randn(5, 4)
+        t[3, 1] = bad
+        assert _bad_rows(t).tolist() == [3]
+        big[1, 2] = bad
+        assert _bad_rows(big).tolist() == [1]
+        big[1, 2] = 3e38

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..lowrank_mixture import cpu as cpu_extension
 from .activation import apply_activation
 from .linear import gate_logits
 
@@ -28,12 +29,15 @@ def order_key(values: Tensor) -> Tensor:
 def topk_lowest_index(values: Tensor, k: int) -> Tensor:
     """Indices [N, k] of the k largest values per row, ties to the lower index, in order.
 
-    fp32 (the CPU gate's dtype): one top-k over packed (value, id) keys, a fixed handful of ops
-    per call. Other dtypes rank on ``order_key``: one top-k decides every row whose k-th value is
-    not tied with an unselected element; only rows where a tie straddles the cut (e.g. relu zeros
-    when fewer than k are positive) take the exact, slower path. Either way the tie rule holds
-    exactly and NaN ranks first, as in the reference's sort.
+    On the CPU in fp32 / fp64 with the C++ extension built: its one-pass selection per row
+    (``cpu_extension``). Else, fp32: one top-k over packed (value, id) keys, a fixed handful of
+    ops per call. Other dtypes rank on ``order_key``: one top-k decides every row whose k-th
+    value is not tied with an unselected element; only rows where a tie straddles the cut (e.g.
+    relu zeros when fewer than k are positive) take the exact, slower path. Either way the tie
+    rule holds exactly and NaN ranks first, as in the reference's sort.
     """
+    if cpu_extension.usable_for(values):
+        return torch.ops.molt_kernels.topk_lowest_index_cpu(values, k)
     if values.dtype == torch.float32 and values.shape[1] < _ID_BASE:
         return _packed_keys(values).topk(k, dim=1).indices
     key = order_key(values)

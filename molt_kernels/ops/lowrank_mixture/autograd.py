@@ -74,9 +74,10 @@ class _SparseLowRankMixture(Function):
 
     @staticmethod
     def forward(ctx, x, gates, indices, b_dec, n_buckets, *weights):
-        """(y [N, d_out], h_pre): h_pre is the extension's saved rank-space activations (its length
-        is data-dependent), returned so that torch.compile sees where its size comes from; empty on
-        the PyTorch path. Both outputs' gradients other than y's are ignored."""
+        """(y [N, d_out], *h_pre): the saved rank-space activations, whose sizes are data-dependent,
+        are returned too so that torch.compile sees where their sizes come from (the extension's
+        one flat h_pre, or the PyTorch decode's h_pre per bucket, [used blocks, BLOCK_M, r]).
+        Their gradients are ignored."""
         U, V = weights[:n_buckets], weights[n_buckets:]
         ctx.n_buckets = n_buckets
         ctx.uses_extension = cpu.usable_for(x)
@@ -85,21 +86,21 @@ class _SparseLowRankMixture(Function):
                 x, gates, indices, list(U), list(V), b_dec
             )
             ctx.save_for_backward(x, gates, *U, *V, row_pair, t_offsets, h_pre)
+            h_pre = (h_pre,)
         else:
             bucket_sizes = tuple(v.shape[0] for v in V)
             block_m = torch_impl.block_sizes(x.shape[0], indices.shape[1], bucket_sizes)
             routing = route_pairs(indices, gates != 0, bucket_sizes, block_m)
-            y, h_pre_per_bucket = torch_impl.forward(x, gates, routing, U, V, b_dec)
+            y, h_pre = torch_impl.forward(x, gates, routing, U, V, b_dec)
             ctx.routing = routing
-            ctx.save_for_backward(x, gates, *U, *V, *h_pre_per_bucket)
-            h_pre = x.new_empty(0)
-        ctx.mark_non_differentiable(h_pre)
+            ctx.save_for_backward(x, gates, *U, *V, *h_pre)
+        ctx.mark_non_differentiable(*h_pre)
         # h_pre never gets a gradient: do not fill one with zeros for backward.
         ctx.set_materialize_grads(False)
-        return y, h_pre
+        return y, *h_pre
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_h_pre):
+    def backward(ctx, grad_y, *_grad_h_pre):
         nb = ctx.n_buckets
         if grad_y is None:  # y did not reach the loss
             return (None,) * (5 + 2 * nb)

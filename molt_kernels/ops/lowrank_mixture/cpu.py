@@ -1,11 +1,13 @@
-"""The CPU decode of csrc/lowrank_mixture_cpu.cpp, built on first use.
+"""The CPU extension: the decode of csrc/lowrank_mixture_cpu.cpp and the gate's top-k selection of
+csrc/gate_topk_cpu.cpp, built on first use.
 
 The extension is compiled with torch.utils.cpp_extension.load the first time it is asked for (then
 cached in torch's extension directory, ``TORCH_EXTENSIONS_DIR``) and registers
 ``torch.ops.molt_kernels.lowrank_mixture_cpu`` and ``..._backward``: each phase of a step is one
 parallel region of single-threaded GEMMs on gathered rows (see the source's header), instead of
-hundreds of small multi-threaded ATen ops. It uses torch's intra-op thread count and changes no
-process-wide thread state.
+hundreds of small multi-threaded ATen ops; and ``torch.ops.molt_kernels.topk_lowest_index_cpu``,
+the gate's tie-exact top-k in one pass per row (used by ``gate_topk.pytorch``). It uses torch's
+intra-op thread count and changes no process-wide thread state.
 
 Without a C++ compiler or the csrc/ sources :func:`load_extension` returns None, and with
 ``MOLT_KERNELS_CPU_EXTENSION=0`` in the environment it is not used: the torch backend then runs
@@ -28,7 +30,7 @@ from ..extension import build, missing_sources
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("lowrank_mixture_cpu.cpp",)
+SOURCES = ("lowrank_mixture_cpu.cpp", "gate_topk_cpu.cpp")
 EXTENSION_NAME = "molt_kernels_lowrank_mixture_cpu"
 DISABLE_ENV = "MOLT_KERNELS_CPU_EXTENSION"
 # dtypes the kernel computes in; others (half inputs are upcast before the decode) use pytorch.py.
@@ -59,6 +61,7 @@ def load_extension() -> ModuleType | None:
         return None
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu")(_forward_fake)
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu_backward")(_backward_fake)
+    torch.library.register_fake("molt_kernels::topk_lowest_index_cpu")(_topk_fake)
     ops = torch.ops.molt_kernels
     register_flop_formula(ops.lowrank_mixture_cpu)(_forward_flops)
     register_flop_formula(ops.lowrank_mixture_cpu_backward)(_backward_flops)
@@ -73,7 +76,7 @@ def extension_enabled() -> bool:
 
 
 def usable_for(x: Tensor) -> bool:
-    """Whether the extension runs this decode: x on the CPU in fp32 / fp64, extension built."""
+    """Whether the extension runs on x: on the CPU in fp32 / fp64, extension built."""
     return x.device.type == "cpu" and x.dtype in DTYPES and extension_enabled()
 
 
@@ -89,6 +92,10 @@ def _forward_fake(
         indices.new_empty(n_transforms + 1),
         x.new_empty(h_len),
     )
+
+
+def _topk_fake(values: Tensor, k: int) -> Tensor:
+    return values.new_empty(values.shape[0], k, dtype=torch.int64)
 
 
 def _backward_fake(

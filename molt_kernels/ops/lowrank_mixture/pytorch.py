@@ -33,6 +33,20 @@ def block_sizes(n_tokens: int, n_slots: int, bucket_sizes: Sequence[int]) -> tup
     return (min(MAX_BLOCK_M, max(MIN_BLOCK_M, m)),) * len(bucket_sizes)
 
 
+def _used_blocks(routing: Routing) -> list[int]:
+    """Blocks holding pairs, per bucket, read to the host.
+
+    Under torch.compile these are unbacked sizes, bounded here by the bucket capacities so that
+    slices and views of them trace without a graph break.
+    """
+    used = routing.blocks_used.tolist()
+    if torch.compiler.is_compiling():
+        for bucket, n in enumerate(used):
+            torch._check(n >= 0)
+            torch._check(n <= routing.block_capacity(bucket))
+    return used
+
+
 def _chunks(
     routing: Routing, bucket: int, used: int, rank: int, width: int, elem: int
 ) -> Iterator[slice]:
@@ -40,13 +54,24 @@ def _chunks(
 
     A block gathers BLOCK_M rows and a rank x width weight, each <= width wide. Small chunks keep
     every temporary under the allocator's mmap threshold: a fresh mapping per large buffer costs
-    more in page faults than the matmul it feeds, and it sets the peak memory.
+    more in page faults than the matmul it feeds, and it sets the peak memory. Under
+    torch.compile ``used`` is a data-dependent size, which a Python loop cannot range over: the
+    bucket is then one chunk (more memory, same results).
     """
+    b0 = routing.block_start[bucket]
+    if torch.compiler.is_compiling():
+        yield slice(b0, b0 + used)
+        return
     per_block = (routing.block_m[bucket] + rank) * width * elem
     step = max(1, CHUNK_BYTES // max(1, per_block))
-    b0 = routing.block_start[bucket]
     for lo in range(b0, b0 + used, step):
         yield slice(lo, min(lo + step, b0 + used))
+
+
+def _take(t: Tensor, span: slice) -> Tensor:
+    """t[span.start : span.stop] as a narrow: under torch.compile its length is exactly
+    ``span.stop - span.start`` (a slice would clamp a data-dependent end: a new unbacked size)."""
+    return t.narrow(0, span.start, span.stop - span.start)
 
 
 def _rows(routing: Routing, bucket: int, blocks: slice) -> slice:
@@ -63,7 +88,7 @@ def _with_sink(t: Tensor) -> Tensor:
 
 def _row_ids(routing: Routing, rows: slice, n_pairs: int) -> tuple[Tensor, Tensor]:
     """(pair id, token id) of the rows; padding rows point at the sink entries n_pairs and N."""
-    pair = routing.pair_of_row[rows]
+    pair = _take(routing.pair_of_row, rows)
     pair = torch.where(pair >= 0, pair, n_pairs)
     return pair, pair // routing.n_slots
 
@@ -76,11 +101,12 @@ def forward(
     V: Sequence[Tensor],
     b_dec: Tensor,
 ) -> tuple[Tensor, list[Tensor]]:
-    """y [N, d_out] and the ungated rank-space activations h_pre[b] [used rows of b, r_b]."""
+    """y [N, d_out] and the ungated rank-space activations h_pre[b] [used blocks of b, BLOCK_M_b,
+    r_b] (padding rows hold zeros)."""
     n_tokens, n_pairs = x.shape[0], gates.numel()
     x_ext, gates_ext = _with_sink(x), _with_sink(gates.reshape(-1, 1)).view(-1)
     y_ext = _with_sink(b_dec.expand(n_tokens, -1))
-    used_blocks = routing.blocks_used.tolist()
+    used_blocks = _used_blocks(routing)
     first_t = bucket_starts([v.shape[0] for v in V])
     h_pre_all = []
     for b, (u, v) in enumerate(zip(U, V)):
@@ -90,7 +116,7 @@ def forward(
             routing, b, used_blocks[b], r, max(v.shape[2], u.shape[1]), x.element_size()
         ):
             pair, tok = _row_ids(routing, _rows(routing, b, blocks), n_pairs)
-            t = routing.transform_of_block[blocks] - first_t[b]
+            t = _take(routing.transform_of_block, blocks) - first_t[b]
             h_pre = torch.bmm(
                 x_ext.index_select(0, tok).view(-1, m, x.shape[1]),
                 v.index_select(0, t).transpose(1, 2),
@@ -98,8 +124,8 @@ def forward(
             g = gates_ext.index_select(0, pair).to(h_pre.dtype).view(-1, m, 1)
             out = torch.bmm(h_pre * g, u.index_select(0, t).transpose(1, 2))
             y_ext.index_add_(0, tok, out.reshape(-1, out.shape[-1]))
-            h_parts.append(h_pre.reshape(-1, r))
-        h_pre_all.append(torch.cat(h_parts) if h_parts else x.new_zeros(0, r))
+            h_parts.append(h_pre)
+        h_pre_all.append(torch.cat(h_parts) if h_parts else x.new_zeros(0, m, r))
     return y_ext[:n_tokens], h_pre_all
 
 
@@ -126,18 +152,17 @@ def backward(
     dgates_ext = torch.zeros_like(gates_ext, dtype=grad_y.dtype) if need_g else None
     dU = [torch.zeros_like(u) for u in U] if need_u else None
     dV = [torch.zeros_like(v) for v in V] if need_v else None
-    used_blocks = routing.blocks_used.tolist()
+    # h_pre[b] covers the used blocks of bucket b: no second read of the routing on the host.
+    used_blocks = [h.shape[0] for h in h_pre_all]
     first_t = bucket_starts([v.shape[0] for v in V])
     for b, (u, v) in enumerate(zip(U, V)):
-        m, r = routing.block_m[b], v.shape[1]
-        offset = 0
+        m, r, b0 = routing.block_m[b], v.shape[1], routing.block_start[b]
         for blocks in _chunks(
             routing, b, used_blocks[b], r, max(v.shape[2], u.shape[1]), x.element_size()
         ):
             pair, tok = _row_ids(routing, _rows(routing, b, blocks), n_pairs)
-            t = routing.transform_of_block[blocks] - first_t[b]
-            h_pre = h_pre_all[b][offset : offset + pair.numel()].view(-1, m, r)
-            offset += pair.numel()
+            t = _take(routing.transform_of_block, blocks) - first_t[b]
+            h_pre = _take(h_pre_all[b], slice(blocks.start - b0, blocks.stop - b0))
             dy = dy_ext.index_select(0, tok).view(-1, m, grad_y.shape[1])
             g = gates_ext.index_select(0, pair).to(h_pre.dtype).view(-1, m, 1)
             dh = torch.bmm(dy, u.index_select(0, t))

@@ -3,6 +3,7 @@ lowrank_mixture/cpu.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,14 +27,19 @@ def build(
 ) -> bool:
     """Compile (or load torch's cached build of) ``sources`` as ``name``; True on success.
 
+    The build directory is named after ``name`` and a hash of the sources, so two installs of
+    different versions on one machine (or two checkouts) keep separate cached builds instead of
+    rebuilding over each other and loading a build that lacks an op.
+
     A failure is logged as a warning naming ``fallback``, the implementation used instead.
     ``flags`` go to ``torch.utils.cpp_extension.load``.
     """
     from torch.utils.cpp_extension import load
 
+    digest = hashlib.sha256(b"".join((CSRC / s).read_bytes() for s in sources)).hexdigest()
     try:
         load(
-            name=name,
+            name=f"{name}_{digest[:12]}",
             sources=[str(CSRC / s) for s in sources],
             is_python_module=False,
             **flags,

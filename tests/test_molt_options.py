@@ -2,6 +2,8 @@
 standardisation, no decoder bias. Semantics checked from their definitions here; every backend
 against the float64 reference; the peers' own forwards are in test_interop.py."""
 
+import copy
+
 import pytest
 import torch
 
@@ -81,6 +83,30 @@ def test_norm_scaled_jumprelu_compares_the_threshold_with_n_times_pre():
         layer.log_threshold.fill_(0.0)  # theta = 1: open when 3 * pre > 1
     gates, _ = layer.encode(torch.tensor([[0.3], [0.4]], dtype=torch.float64))
     assert gates[:, 0].tolist() == [0.0, pytest.approx(0.4, rel=1e-15)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_norm_scaled_gate_in_bf16_matches_the_float64_reference(backend):
+    """The norms are computed in fp32 for bf16 weights: n_t^2 = sum((U^T U) * (V V^T)) cancels
+    when U_t V_t is small against |U_t| |V_t|, and in bf16 it came out as 0, closing that gate
+    and leaving dU and dV 0.8 off (fuzz seed 8)."""
+    cfg = MOLTConfig(d_in=1, d_out=1, rank_counts={7: 4}, k=None, scale_gate_by_norm=True)
+    gen = torch.Generator().manual_seed(8)
+    layer = MOLT(cfg, dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+        u, v = layer.U[0][0, 0], layer.V[0][0, :, 0]
+        v -= 0.99 * (u @ v) / (u @ u) * u  # U_0 V_0 = u . v, 1% of its size
+        layer.b_gate.fill_(4.0)  # every gate open
+    bf16 = copy.deepcopy(layer).to(torch.bfloat16)
+    exact = copy.deepcopy(bf16).to(torch.float64)
+    # In fp32 the 1%-sized norm is 2e-3 off, below bf16's own 2^-8 (bf16 lost it entirely).
+    assert relative_error(bf16.transform_norms()[0], exact.transform_norms()[0]) < 1e-2
+    x = torch.randn(5, 1, generator=gen, dtype=torch.float64)
+    errors = compare_to_reference(layer, x, backend, torch.bfloat16)
+    bad = {name: e for name, e in errors.items() if not e <= TOLERANCE[torch.bfloat16]}
+    assert not bad, bad
 
 
 def test_a_zero_transform_gets_a_zero_gate():

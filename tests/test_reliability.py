@@ -393,26 +393,132 @@ def test_module_jacobian_on_every_backend_and_activation(backend, activation):
     )
 
 
+def _assert_trees_close(got, want) -> None:
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "identity"])
-def test_torch_func_on_the_reference(activation):
+def test_torch_func_through_the_layer(backend, activation):
+    """jacrev, jacfwd, jvp, vmap and grad of vmap through the MOLT module, against the float64
+    reference's explicit Jacobian (``molt_jacobian``) and outputs; with the norm-scaled gate."""
     from molt_kernels.interp.metrics import molt_jacobian
 
-    layer = small_layer("reference", activation)
-    x = torch.randn(1, 6, dtype=torch.float64)
-    jac = molt_jacobian(layer, x)[0]
-    jac_rev = torch.func.jacrev(lambda v: layer(v[None])[0])(x[0])
+    reference = small_layer("reference", activation, scale_gate_by_norm=True)
+    layer = small_layer(backend, activation, scale_gate_by_norm=True)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    jac = molt_jacobian(reference, x)  # [3, d_out, d_in]
+
+    def per_token(v):
+        return layer(v[None])[0]
+
     tangent = torch.randn(6, dtype=torch.float64)
-    _, jvp = torch.func.jvp(lambda v: layer(v[None])[0], (x[0],), (tangent,))
-    torch.testing.assert_close(jac_rev, jac, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(jvp, jac @ tangent, rtol=1e-10, atol=1e-12)
+    _assert_trees_close(torch.func.jacrev(per_token)(x[0]), jac[0])
+    _assert_trees_close(torch.func.jacfwd(per_token)(x[1]), jac[1])
+    _assert_trees_close(torch.func.jvp(per_token, (x[2],), (tangent,))[1], jac[2] @ tangent)
+    # vmap over a batch dim of the layer's input, and over single tokens
+    _assert_trees_close(torch.func.vmap(layer)(x[:, None]), reference(x)[:, None])
+    _assert_trees_close(torch.func.vmap(per_token)(x), reference(x))
+    # grad of a vmapped loss: one autograd node per folded decode
+    weight = torch.randn(3, 5, dtype=torch.float64)
+    grad_of_vmap = torch.func.grad(lambda v: (torch.func.vmap(per_token)(v) * weight).sum())
+    _assert_trees_close(grad_of_vmap(x), torch.einsum("no,noi->ni", weight, jac))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forward_mode_is_refused_by_the_sparse_backends(backend):
+def _decode_args():
+    gen = torch.Generator().manual_seed(3)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    U, V = [randn(3, 3, 2), randn(2, 3, 1)], [randn(3, 2, 4), randn(2, 1, 4)]
+    gates = randn(3, 2)
+    gates[0, 1] = 0.0  # a zero gate: outside the sum, and so is its tangent
+    indices = torch.tensor([[0, 4], [1, 3], [2, 0]])
+    return (randn(3, 4), gates, U[1], V[1], randn(3)), (indices, U, V)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_through_the_decode(backend):
+    """The Jacobian of lowrank_mixture in every argument (x, gates, U, V, b_dec), a jvp in all of
+    them, and vmap over token inputs (one folded decode) and over weights (one per sample)."""
+    args, (indices, U, V) = _decode_args()
+
+    def decode(x, gates, U1, V1, b_dec, backend=backend):
+        return MF.lowrank_mixture(x, gates, indices, [U[0], U1], [V[0], V1], b_dec, backend)
+
+    def reference(*a):
+        return decode(*a, backend="reference")
+
+    every = tuple(range(5))
+    _assert_trees_close(
+        torch.func.jacrev(decode, every)(*args), torch.func.jacrev(reference, every)(*args)
+    )
+    tangents = tuple(torch.randn_like(a) for a in args)  # every argument's tangent at once
+    _assert_trees_close(
+        torch.func.jvp(decode, args, tangents), torch.func.jvp(reference, args, tangents)
+    )
+    x, gates, U1, V1, b_dec = args
+    xs, us = torch.stack([x, -2 * x]), torch.stack([U1, 3 * U1])
+    for dims, batch in [((0, None, None, None, None), (xs, gates, U1, V1, b_dec)),
+                        ((None, None, 0, None, None), (x, gates, us, V1, b_dec))]:  # fmt: skip
+        got = torch.func.vmap(decode, in_dims=dims)(*batch)
+        _assert_trees_close(got, torch.func.vmap(reference, in_dims=dims)(*batch))
+        _assert_trees_close(
+            got[1], reference(*[a[1] if d == 0 else a for a, d in zip(batch, dims)])
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "identity"])
+def test_torch_func_through_the_gate(backend, activation):
+    """The gates' Jacobians in x, W_gate and b_gate (tangents through the selected values only),
+    for k < T and k=None, and vmap over x and over W_gate, against the float64 reference."""
+    gen = torch.Generator().manual_seed(4)
+    x, W, b = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((3, 4), (6, 4), (6,)))
+    log_threshold = torch.full((6,), -1.0, dtype=torch.float64)
+    lt = log_threshold if activation == "jumprelu" else None
+    for k in (2, None):
+
+        def gate(x, W, b, backend=backend, k=k):
+            return MF.gate_topk(x, W, b, k, activation, lt, 0.5, backend)[0]
+
+        def reference(*a):
+            return gate(*a, backend="reference")
+
+        every = (0, 1, 2)
+        want = torch.func.jacrev(reference, every)(x, W, b)
+        _assert_trees_close(torch.func.jacrev(gate, every)(x, W, b), want)
+        _assert_trees_close(torch.func.jacfwd(gate, every)(x, W, b), want)
+        for dims, batch in [((0, None, None), (torch.stack([x, 2 * x]), W, b)),
+                            ((None, 0, None), (x, torch.stack([W, -W]), b))]:  # fmt: skip
+            got = torch.func.vmap(gate, in_dims=dims)(*batch)
+            _assert_trees_close(got, torch.func.vmap(reference, in_dims=dims)(*batch))
+
+
+def test_vmap_of_the_reference_keeps_a_non_finite_token_to_its_sample():
+    """The reference computes live pairs with non-finite values pair by pair (a data-dependent
+    list); under vmap that runs per sample and gives what each sample gives alone."""
+    layer = small_layer("reference")
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    x[1, 0, 2] = NAN
+    got = torch.func.vmap(layer)(x)
+    _assert_trees_close(
+        got.nan_to_num(7.0), torch.stack([layer(x[0]), layer(x[1])]).nan_to_num(7.0)
+    )
+    assert got[1, 0].isnan().all() and got.isfinite().sum() == 25
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_gradients_are_a_clear_error(backend):
+    """vmap over grad (per-sample gradients) is the one torch.func composition not supported."""
     layer = small_layer(backend)
-    x = torch.randn(2, 6, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="forward-mode AD"):
-        torch.func.jvp(layer, (x,), (torch.ones_like(x),))
+    x = torch.randn(3, 6, dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(lambda v: layer(v[None]).sum()))
+    with pytest.raises((NotImplementedError, RuntimeError), match="per-sample|vmap"):
+        per_sample(x)
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "identity"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ..ops.dtypes import (
@@ -38,18 +37,6 @@ from ..ops.validation import (
     check_x,
 )
 from .backend import resolve_backend
-
-
-def _refuse_forward_ad(op: str, backend: str, tensors: Sequence[Tensor | None]) -> None:
-    """Hand-written autograd (the sparse decode, the fused gate) is reverse-mode only; under
-    forward-mode AD (torch.func.jvp, jacfwd, forward_ad) the fused ops would return silently
-    wrong tangents, so ``backend`` refuses clearly."""
-    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(
-            f"{op} on the {backend} backend supports reverse-mode autograd only (backward, "
-            "torch.autograd.grad, metrics.module_jacobian); forward-mode AD (torch.func.jvp, "
-            "jacfwd) needs backend='reference'"
-        )
 
 
 def _resolve_allow_tf32(allow_tf32: bool | None) -> bool:
@@ -121,17 +108,16 @@ def gate_topk(
     _check_gate_args(x, W_gate, b_gate, k, activation, log_threshold, bandwidth, norm_scale)
     allow_tf32 = _resolve_allow_tf32(allow_tf32)
     backend = resolve_backend(backend, x.device)
-    if backend == "triton":  # the torch gate is plain PyTorch autograd: forward mode works
-        _refuse_forward_ad("gate_topk", backend, (x, W_gate, b_gate, log_threshold))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     W, b = W_gate, b_gate
     if norm_scale is not None:
         # n_t (x . W_t + b_t) = x . (n_t W_t) + n_t b_t: the scaled gate is the plain gate of the
         # scaled weights, on every backend and in the fused kernel alike. The extra [T, d_in]
-        # product is 1/tokens of the gate matmul.
-        scale = norm_scale.detach().to(W.dtype)
-        W, b = W * scale[:, None], b * scale.to(b.dtype)
+        # product is 1/tokens of the gate matmul. In the accumulation dtype: n_t and the scaled
+        # weights rounded to bf16 would move the cut and every gate by up to 2^-9 relative.
+        scale = norm_scale.detach().to(accumulator_dtype(x.dtype))
+        W, b = W.to(scale.dtype) * scale[:, None], b.to(scale.dtype) * scale
     if backend != "triton":
         # Triton kernels read half inputs as they are and accumulate in fp32 themselves.
         dtype = accumulator_dtype(x.dtype)
@@ -201,8 +187,6 @@ def lowrank_mixture(
     _check_decode_args(x, gates, indices, U, V, b_dec)
     allow_tf32 = _resolve_allow_tf32(allow_tf32)
     backend = resolve_backend(backend, x.device)
-    if backend != "reference":
-        _refuse_forward_ad("lowrank_mixture", backend, (x, gates, b_dec, *U, *V))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g2 = gates.reshape(-1, gates.shape[-1])

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..ops.dtypes import accumulator_dtype
 from . import functional as MF
 from .backend import check_backend_name
 from .config import MOLTConfig, normal_quantile
@@ -173,12 +174,17 @@ class MOLT(PretrainedLayer, nn.Module):
             self._cached_norms = None
 
     def transform_norms(self) -> Tensor:
-        """||U_t V_t||_F for every transform [T], exactly, without forming U_t V_t.
+        """||U_t V_t||_F for every transform [T], exactly, without forming U_t V_t; in the
+        accumulation dtype (fp32 for half parameters, fp64 for fp64).
 
         ||U V||_F^2 = trace(V^T U^T U V) = sum((U^T U) * (V V^T)): O(r^2 (d_in + d_out)) each.
+        The Gram sum can cancel (off-diagonal terms of either sign), so half parameters are read
+        in fp32: in bf16 a norm of 0.016 came out as 0 and closed that transform's gate.
         """
+        dtype = accumulator_dtype(self.U[0].dtype)
         norms = []
         for u, v in zip(self.U, self.V):
+            u, v = u.to(dtype), v.to(dtype)
             gram_u = torch.bmm(u.transpose(1, 2), u)
             gram_v = torch.bmm(v, v.transpose(1, 2))
             norms.append((gram_u * gram_v).sum((1, 2)).clamp_min(0).sqrt())

@@ -37,11 +37,16 @@ class _Refuse(Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise DoubleBackwardError(
-            f"{ctx.what} supports first-order gradients only: double backward (gradients of "
-            "gradients, Hessian-vector products, create_graph=True) is not implemented; use "
-            "backend='reference' for higher-order derivatives"
-        )
+        raise double_backward_error(ctx.what)
+
+
+def double_backward_error(what: str) -> DoubleBackwardError:
+    """The error of differentiating ``what``'s (the op and backend) gradients again."""
+    return DoubleBackwardError(
+        f"{what} supports first-order gradients only: double backward (gradients of "
+        "gradients, Hessian-vector products, create_graph=True) is not implemented; use "
+        "backend='reference' for higher-order derivatives"
+    )
 
 
 def first_order_only(

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd import Function
 
 from .gate_topk.activation import ACTIVATIONS
 
@@ -73,7 +74,12 @@ def check_x(x: object, d_in: int) -> None:
 
 
 def check_indices(
-    x: Tensor, values: Tensor, values_name: str, indices: Tensor, n_units: int, units_name: str,
+    x: Tensor,
+    values: Tensor,
+    values_name: str,
+    indices: Tensor,
+    n_units: int,
+    units_name: str,
     distinct: bool = False,
 ) -> None:
     """Check values [..., k] (floating) and indices [..., k] int64 beside x [..., d], ids in
@@ -93,6 +99,14 @@ def check_indices(
             f"indices must match {values_name}: shape {list(values.shape)} on {x.device}, "
             f"got {list(indices.shape)} on {indices.device}"
         )
+    if torch.compiler.is_compiling():
+        _check_index_values(indices, n_units, units_name, distinct)
+    else:
+        _IndexValueCheck.apply(indices, n_units, units_name, distinct)
+
+
+def _check_index_values(indices: Tensor, n_units: int, units_name: str, distinct: bool) -> None:
+    """The value checks of ``check_indices``."""
     if indices.numel() == 0:
         return
     in_range = (indices.min() >= 0) & (indices.max() < n_units)
@@ -110,3 +124,22 @@ def check_indices(
     else:
         suffix = ", distinct within each row" if distinct else ""
         torch._assert_async(in_range & unique, range_message + suffix)
+
+
+class _IndexValueCheck(Function):
+    """``_check_index_values`` under torch.func.vmap too: the checks are per row, so the batch
+    rule checks the whole physical tensor (a Python branch on a batched value is impossible)."""
+
+    @staticmethod
+    def forward(indices: Tensor, n_units: int, units_name: str, distinct: bool) -> Tensor:
+        _check_index_values(indices, n_units, units_name, distinct)
+        return indices.new_empty(0)  # a Function returns a tensor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, indices, n_units, units_name, distinct):
+        _check_index_values(indices.movedim(in_dims[0], 0), n_units, units_name, distinct)
+        return indices.new_empty(0), None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import Function
 
+from ..batching import fold_into_tokens
 from ..lowrank_mixture import cpu as cpu_extension
 from .activation import apply_activation
 from .linear import gate_logits
@@ -88,6 +90,25 @@ def _topk_lowest_index_exact(key: Tensor, k: int) -> Tensor:
     return ids.gather(1, order)
 
 
+class _SelectTopk(Function):
+    """``topk_lowest_index`` as a Function whose batch rule folds a vmapped batch into the rows
+    (the selection is per row): its exact tie path branches on the data, which vmap cannot."""
+
+    @staticmethod
+    def forward(values: Tensor, k: int) -> Tensor:
+        return topk_lowest_index(values, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def vmap(info, in_dims, values, k):
+        return fold_into_tokens(
+            info.batch_size, in_dims, lambda v, k_: _SelectTopk.apply(v, k_), (values, k), (0,)
+        )
+
+
 def gate_topk_torch(
     x: Tensor,
     W_gate: Tensor,
@@ -102,5 +123,5 @@ def gate_topk_torch(
     n, t = acts.shape
     if k is None:
         return acts, torch.arange(t, device=x.device).expand(n, t)
-    idx = topk_lowest_index(acts.detach(), k)
+    idx = _SelectTopk.apply(acts.detach(), k)
     return acts.gather(1, idx), idx

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from .autograd import lowrank_mixture_torch, lowrank_mixture_triton
+from .autograd import lowrank_mixture_triton, sparse_lowrank_mixture
 from .reference import lowrank_mixture_reference
 
 LowrankMixture = Callable[
@@ -24,16 +24,20 @@ LowrankMixture = Callable[
 ]
 
 
-def _triton(x, gates, indices, U, V, b_dec, allow_tf32: bool = False) -> Tensor:
-    return lowrank_mixture_triton(x, gates, indices, list(U), list(V), b_dec,
-                                  allow_tf32=allow_tf32)[0]
-
-
 def lowrank_mixture_backend(backend: str, allow_tf32: bool = False) -> LowrankMixture:
     """The decode of a resolved backend name; ``allow_tf32`` lets the triton decode's fp32 dots
     use TF32 (the other backends' matmuls follow torch's own switch)."""
-    impls = {"reference": lowrank_mixture_reference, "torch": lowrank_mixture_torch,
-             "triton": functools.partial(_triton, allow_tf32=allow_tf32)}
-    if backend not in impls:
-        raise ValueError(f"unknown backend {backend!r}")
-    return impls[backend]
+    if backend == "reference":
+        return lowrank_mixture_reference
+    if backend in ("torch", "triton"):
+        return functools.partial(sparse_lowrank_mixture, backend, allow_tf32=allow_tf32)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+__all__ = [
+    "LowrankMixture",
+    "lowrank_mixture_backend",
+    "lowrank_mixture_reference",
+    "lowrank_mixture_triton",  # the torch.library op (opcheck, compile tests)
+    "sparse_lowrank_mixture",
+]

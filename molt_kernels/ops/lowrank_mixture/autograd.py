@@ -22,9 +22,10 @@ from torch import Tensor, empty_like, int64, library, no_grad
 from torch import dtype as DType
 from torch.autograd import Function
 
+from ..batching import fold_into_tokens, loop_over_batch, unbatched
 from ..configs import MixtureLayout, plan
-from ..first_order import first_order_only
-from ..routing import route_pairs
+from ..first_order import double_backward_error, first_order_only
+from ..routing import Routing, route_pairs
 from . import cpu
 from . import pytorch as torch_impl
 
@@ -68,9 +69,52 @@ def _gradients(
     return dx, dgates, db, dUV[:n_buckets], dUV[n_buckets:]
 
 
+def _torch_forward(
+    x: Tensor,
+    gates: Tensor,
+    indices: Tensor,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    b_dec: Tensor,
+) -> tuple[Tensor, tuple[Tensor, ...], Routing | None, tuple[Tensor, ...]]:
+    """The torch backend's forward: (y, the saved rank-space activations (the extension's flat
+    h_pre, or the PyTorch decode's per bucket), the routing (None on the extension), the tensors
+    its backward needs)."""
+    if cpu.usable_for(x):
+        y, row_pair, t_offsets, h_pre = torch.ops.molt_kernels.lowrank_mixture_cpu(
+            x, gates, indices, list(U), list(V), b_dec
+        )
+        return y, (h_pre,), None, (row_pair, t_offsets, h_pre)
+    bucket_sizes = tuple(v.shape[0] for v in V)
+    block_m = torch_impl.block_sizes(x.shape[0], indices.shape[1], bucket_sizes)
+    routing = route_pairs(indices, gates != 0, bucket_sizes, block_m)
+    y, h_pre_per_bucket = torch_impl.forward(x, gates, routing, U, V, b_dec)
+    return y, tuple(h_pre_per_bucket), routing, tuple(h_pre_per_bucket)
+
+
+def _torch_backward(
+    routing: Routing | None,
+    state: Sequence[Tensor],
+    grad_y: Tensor,
+    x: Tensor,
+    gates: Tensor,
+    U: Sequence[Tensor],
+    V: Sequence[Tensor],
+    flags: tuple[bool, bool, bool, bool],
+):
+    """(dx, dgates, dU, dV) of ``_torch_forward``, None where its flag is off."""
+    if routing is None:  # the extension
+        row_pair, t_offsets, h_pre = state
+        grads = torch.ops.molt_kernels.lowrank_mixture_cpu_backward(
+            grad_y, x, gates, row_pair, t_offsets, list(U), list(V), h_pre, *flags
+        )
+        return tuple(g if wanted else None for g, wanted in zip(grads, flags))
+    return torch_impl.backward(grad_y, x, gates, routing, U, V, state, flags)
+
+
 class _SparseLowRankMixture(Function):
-    """Autograd of the torch backend: the C++ CPU decode (``cpu.py``) where it runs, else the
-    PyTorch decode (``pytorch.py``)."""
+    """Autograd of the torch backend under torch.compile: the C++ CPU decode (``cpu.py``) where
+    it runs, else the PyTorch decode (``pytorch.py``)."""
 
     @staticmethod
     def forward(ctx, x, gates, indices, b_dec, n_buckets, *weights):
@@ -80,20 +124,8 @@ class _SparseLowRankMixture(Function):
         Their gradients are ignored."""
         U, V = weights[:n_buckets], weights[n_buckets:]
         ctx.n_buckets = n_buckets
-        ctx.uses_extension = cpu.usable_for(x)
-        if ctx.uses_extension:
-            y, row_pair, t_offsets, h_pre = torch.ops.molt_kernels.lowrank_mixture_cpu(
-                x, gates, indices, list(U), list(V), b_dec
-            )
-            ctx.save_for_backward(x, gates, *U, *V, row_pair, t_offsets, h_pre)
-            h_pre = (h_pre,)
-        else:
-            bucket_sizes = tuple(v.shape[0] for v in V)
-            block_m = torch_impl.block_sizes(x.shape[0], indices.shape[1], bucket_sizes)
-            routing = route_pairs(indices, gates != 0, bucket_sizes, block_m)
-            y, h_pre = torch_impl.forward(x, gates, routing, U, V, b_dec)
-            ctx.routing = routing
-            ctx.save_for_backward(x, gates, *U, *V, *h_pre)
+        y, h_pre, ctx.routing, state = _torch_forward(x, gates, indices, U, V, b_dec)
+        ctx.save_for_backward(x, gates, *U, *V, *state)
         ctx.mark_non_differentiable(*h_pre)
         # h_pre never gets a gradient: do not fill one with zeros for backward.
         ctx.set_materialize_grads(False)
@@ -110,12 +142,7 @@ class _SparseLowRankMixture(Function):
         needs = _Needs(need[0], need[1], need[3], any(need[5 : 5 + nb]), any(need[5 + nb :]))
 
         def backward(gy: Tensor, flags: tuple[bool, bool, bool, bool]):
-            if ctx.uses_extension:
-                grads = torch.ops.molt_kernels.lowrank_mixture_cpu_backward(
-                    gy, x, gates, *state[:2], list(U), list(V), state[2], *flags
-                )
-                return tuple(g if wanted else None for g, wanted in zip(grads, flags))
-            return torch_impl.backward(gy, x, gates, ctx.routing, U, V, state, flags)
+            return _torch_backward(ctx.routing, state, gy, x, gates, U, V, flags)
 
         dx, dgates, db, dU, dV = _gradients(
             backward, grad_y, needs, nb, "torch", (x, gates, *U, *V), x.dtype
@@ -241,10 +268,8 @@ def _triton_backward(ctx, grad_y, *_aux_grads):
     U, V = rest[:nb], rest[nb:]
 
     def backward(gy: Tensor, flags: tuple[bool, bool, bool, bool]):
-        dx, dg, dU, dV = lowrank_mixture_triton_backward(gy, x, gates, table, U, V, h_pre, *flags,
-                                                         ctx.allow_tf32)
-        return (dx if flags[0] else None, dg if flags[1] else None,
-                _split(dU, U) if flags[2] else None, _split(dV, V) if flags[3] else None)
+        state = (h_pre, table, ctx.allow_tf32)
+        return _triton_backward_grads(state, gy, x, gates, U, V, flags)
 
     dx, dgates, db, dU, dV = _gradients(
         backward, grad_y, ctx.needs, nb, "triton", (x, gates, *U, *V), ctx.bias_dtype
@@ -255,13 +280,201 @@ def _triton_backward(ctx, grad_y, *_aux_grads):
 lowrank_mixture_triton.register_autograd(_triton_backward, setup_context=_setup_context)
 
 
-def lowrank_mixture_torch(
+# --- eager mode: one Function over both sparse backends, with torch.func support -------------
+
+
+def _triton_forward(x, gates, indices, U, V, b_dec, allow_tf32):
+    y, h_pre, table = lowrank_mixture_triton(
+        x, gates, indices, list(U), list(V), b_dec, allow_tf32=allow_tf32
+    )
+    return y, (h_pre, table, allow_tf32)
+
+
+def _triton_backward_grads(state, grad_y, x, gates, U, V, flags):
+    h_pre, table, allow_tf32 = state
+    dx, dg, dU, dV = lowrank_mixture_triton_backward(
+        grad_y, x, gates, table, U, V, h_pre, *flags, allow_tf32
+    )
+    return (
+        dx if flags[0] else None,
+        dg if flags[1] else None,
+        _split(dU, U) if flags[2] else None,
+        _split(dV, V) if flags[3] else None,
+    )
+
+
+def _torch_forward_state(x, gates, indices, U, V, b_dec, allow_tf32):
+    # The torch backend's matmuls follow torch's own TF32 switch.
+    y, _, routing, state = _torch_forward(x, gates, indices, U, V, b_dec)
+    return y, (routing, state)
+
+
+def _torch_backward_grads(state, grad_y, x, gates, U, V, flags):
+    return _torch_backward(*state, grad_y, x, gates, U, V, flags)
+
+
+# backend -> (forward(x, gates, indices, U, V, b_dec, allow_tf32) -> (y, state),
+#             backward(state, grad_y, x, gates, U, V, flags) -> (dx, dgates, dU, dV))
+_PRIMITIVES = {
+    "torch": (_torch_forward_state, _torch_backward_grads),
+    "triton": (_triton_forward, _triton_backward_grads),
+}
+
+
+class _Stash:
+    """Carries a forward's routing and rank-space activations to its setup_context, which sees
+    only inputs and outputs (torch.func's Function protocol)."""
+
+    state: object = None
+
+
+def _per_sample_gradients_error(backend: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"lowrank_mixture on the {backend} backend: per-sample gradients (torch.func.vmap over "
+        "grad/vjp with batched inputs) are not supported on any backend; loop over the "
+        "samples"
+    )
+
+
+class _SparseMixture(Function):
+    """The sparse decode in eager mode, differentiable under torch.func as well as autograd:
+    ``jvp`` (forward mode), ``vmap`` (batch rules of ``ops.batching``) and a backward built from
+    ``_SparseMixtureBackward``, which torch.func.jacrev can vmap.
+
+    The decode y = b + sum_pairs g U_t (V_t x) is linear in each of x, gates, U and V, so its
+    tangent is a sum of decodes with one argument replaced by its tangent (zero bias).
+    """
+
+    @staticmethod
+    def forward(spec, stash, x, gates, indices, b_dec, n_buckets, *weights):
+        """``spec``: (backend, allow_tf32)."""
+        backend, allow_tf32 = spec
+        U, V = weights[:n_buckets], weights[n_buckets:]
+        y, stash.state = _PRIMITIVES[backend][0](x, gates, indices, U, V, b_dec, allow_tf32)
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        spec, stash, x, gates, indices, b_dec, n_buckets, *weights = inputs
+        ctx.spec, ctx.n_buckets, ctx.state = spec, n_buckets, stash.state
+        ctx.bias_dtype = b_dec.dtype
+        ctx.save_for_backward(x, gates, *weights)
+        ctx.save_for_forward(x, gates, indices, *weights)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        nb = ctx.n_buckets
+        if ctx.state is None:  # the forward ran under vmap: no single routing to reuse
+            raise _per_sample_gradients_error(ctx.spec[0])
+        x, gates, *weights = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        flags = (need[2], need[3], any(need[7 : 7 + nb]), any(need[7 + nb :]))
+        grads = _SparseMixtureBackward.apply(ctx.spec[0], ctx.state, flags, grad_y, x, gates,
+                                             *weights)  # fmt: skip
+        dx, dgates, *dW = (
+            g if wanted else None
+            for g, wanted in zip(grads, (flags[0], flags[1], *[flags[2]] * nb, *[flags[3]] * nb))
+        )
+        db = grad_y.sum(-2, dtype=ctx.bias_dtype) if need[5] else None
+        return (None, None, dx, dgates, None, db, None, *dW)
+
+    @staticmethod
+    def jvp(ctx, _backend_t, _stash_t, x_t, gates_t, _indices_t, b_t, _n_t, *weights_t):
+        x, gates, indices, *weights = ctx.saved_tensors
+        nb = ctx.n_buckets
+        U, V = weights[:nb], weights[nb:]
+        U_t, V_t = weights_t[:nb], weights_t[nb:]
+        zero_bias = x.new_zeros(U[0].shape[1])
+
+        def decode(x_, g_, U_, V_):
+            return _SparseMixture.apply(
+                ctx.spec, _Stash(), x_, g_, indices, zero_bias, nb, *U_, *V_
+            )
+
+        def filled(tangents, like):
+            return [t if t is not None else torch.zeros_like(w) for t, w in zip(tangents, like)]
+
+        y_t = torch.zeros(x.shape[0], U[0].shape[1], dtype=x.dtype, device=x.device)
+        if b_t is not None:
+            y_t = y_t + b_t
+        if x_t is not None:
+            y_t = y_t + decode(x_t, gates, U, V)
+        if gates_t is not None:
+            # A zero gate is outside the sum, and so is its tangent.
+            y_t = y_t + decode(x, torch.where(gates != 0, gates_t, 0), U, V)
+        if any(t is not None for t in U_t):
+            y_t = y_t + decode(x, gates, filled(U_t, U), V)
+        if any(t is not None for t in V_t):
+            y_t = y_t + decode(x, gates, U, filled(V_t, V))
+        return y_t
+
+    @staticmethod
+    def vmap(info, in_dims, spec, stash, x, gates, indices, b_dec, n_buckets, *weights):
+        def decode(x_, g_, i_, b_, *w_):
+            return _SparseMixture.apply(spec, _Stash(), x_, g_, i_, b_, n_buckets, *w_)
+
+        args, dims = (x, gates, indices, b_dec, *weights), in_dims[2:4] + in_dims[4:6] + in_dims[7:]
+        if unbatched(dims, range(3, len(args))):  # shared weights: one decode over B * N tokens
+            return fold_into_tokens(info.batch_size, dims, decode, args, token_args=(0, 1, 2))
+        return loop_over_batch(info.batch_size, dims, decode, args)
+
+
+class _SparseMixtureBackward(Function):
+    """(dx, dgates, *dU, *dV) of ``_SparseMixture`` (empty where not asked for). First-order
+    only: differentiating it raises DoubleBackwardError. Its batch rule runs one backward per
+    cotangent, which is how torch.func.jacrev uses it."""
+
+    @staticmethod
+    def forward(backend, state, flags, grad_y, x, gates, *weights):
+        nb = len(weights) // 2
+        backward = _PRIMITIVES[backend][1]
+        dx, dgates, dU, dV = backward(state, grad_y.contiguous(), x, gates, weights[:nb],
+                                      weights[nb:], flags)  # fmt: skip
+        empty = grad_y.new_empty(0)
+        return (dx if dx is not None else empty, dgates if dgates is not None else empty,
+                *(dU or [empty] * nb), *(dV or [empty] * nb))  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.what = f"lowrank_mixture on the {inputs[0]} backend"
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise double_backward_error(ctx.what)
+
+    @staticmethod
+    def vmap(info, in_dims, backend, state, flags, grad_y, x, gates, *weights):
+        if not unbatched(in_dims, range(4, len(in_dims))):
+            raise _per_sample_gradients_error(backend)
+
+        def backward(gy):
+            return _SparseMixtureBackward.forward(backend, state, flags, gy, x, gates, *weights)
+
+        return loop_over_batch(info.batch_size, in_dims[3:4], backward, (grad_y,))
+
+
+def sparse_lowrank_mixture(
+    backend: str,
     x: Tensor,
     gates: Tensor,
     indices: Tensor,
     U: Sequence[Tensor],
     V: Sequence[Tensor],
     b_dec: Tensor,
+    allow_tf32: bool = False,
 ) -> Tensor:
-    """The torch backend's decode, differentiable (see ``_SparseLowRankMixture``)."""
-    return _SparseLowRankMixture.apply(x, gates, indices, b_dec, len(U), *U, *V)[0]
+    """The decode of the ``torch`` or ``triton`` backend, differentiable. ``allow_tf32``: the
+    triton decode's fp32 dots in TF32 (the torch backend follows torch's own switch).
+
+    Eager: ``_SparseMixture`` (autograd, torch.func jacrev / jvp / vmap). Under torch.compile,
+    which traces no custom jvp or vmap: ``_SparseLowRankMixture`` (torch) or the torch.library op
+    and its registered autograd (triton).
+    """
+    if torch.compiler.is_compiling():
+        if backend == "triton":
+            return lowrank_mixture_triton(
+                x, gates, indices, list(U), list(V), b_dec, allow_tf32=allow_tf32
+            )[0]
+        return _SparseLowRankMixture.apply(x, gates, indices, b_dec, len(U), *U, *V)[0]
+    spec = (backend, allow_tf32)
+    return _SparseMixture.apply(spec, _Stash(), x, gates, indices, b_dec, len(U), *U, *V)

@@ -310,8 +310,7 @@ def mixture_config(
                             sms)
     m = layout.block_m
     wide, deep = WIDE_TILE[kind], DEEP_TILE[kind]
-    elem = torch.empty((), dtype=dtype).element_size()
-    acc = torch.empty((), dtype=accumulator_dtype(dtype)).element_size()
+    elem, acc = dtype.itemsize, accumulator_dtype(dtype).itemsize
     tile_r = _pow2_tile(max(ranks), RANK_TILE[kind])
 
     def shrink(k: int) -> Launch:

@@ -178,24 +178,27 @@ def _backward_scattered(
     dense = torch.zeros(n, n_t, dtype=dpre.dtype, device=x.device)
     dense.scatter_(1, indices, dpre.view(n, k))
     dx = dlog = None
+    magnitude = dense.abs()  # shared by both products' NaN containment
     if need_dx:
         # W as stored, as in _gate_bwd_dx_kernel (no copy of fp32 master weights).
-        dx = _live_matmul(dense, W.to(dense.dtype)).to(x.dtype)
+        dx = _live_matmul(dense, magnitude, W.to(dense.dtype)).to(x.dtype)
     if not need_params:
         return dx, None, None, None
     if threshold_grad:
         dlog = torch.zeros(n, n_t, dtype=dpre.dtype, device=x.device)
         dlog = dlog.scatter_(1, indices, dthr.view(n, k)).sum(0)
-    return dx, _live_matmul(dense.T, x.to(dense.dtype)), dense.sum(0), dlog
+    dW = _live_matmul(dense.T, magnitude.T, x.to(dense.dtype))
+    return dx, dW, dense.sum(0), dlog
 
 
-def _live_matmul(a: Tensor, b: Tensor) -> Tensor:
+def _live_matmul(a: Tensor, a_abs: Tensor, b: Tensor) -> Tensor:
     """a @ b where a zero of ``a`` never meets a non-finite value of ``b`` (0 * NaN := 0), as in
     the sparse kernels, which read a token's x only for its live pairs; a live pair that meets one
-    gives NaN. Sync-free (no data-dependent shapes), so the step stays capturable."""
+    gives NaN. ``a_abs`` is ``a.abs()``. Sync-free (no data-dependent shapes), so the step stays
+    capturable."""
     finite = b.isfinite()
     out = a @ torch.where(finite, b, 0)
-    hits = a.abs() @ torch.where(finite, 0.0, 1.0).to(a.dtype)
+    hits = a_abs @ torch.where(finite, 0.0, 1.0).to(a.dtype)
     return torch.where(hits > 0, float("nan"), out)
 
 

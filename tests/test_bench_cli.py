@@ -129,3 +129,56 @@ def test_contend_runs_busy_processes_and_stops_them(tmp_path):
     tiny = [*TINY, "--k", "4", "--no-transcoder", "--modes", "forward"]
     assert bench.main([*tiny, "--contend", "1", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["contend"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cuda"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda:" in err and "CUDA" in err
+
+
+def test_cost_model_applies_to_bf16_triton_on_known_gpus(monkeypatch):
+    from molt_kernels.tools.bench.measure import model_gpu, modeled_seconds
+    from molt_kernels.tools.bench.workload import BenchCase
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    assert model_gpu(cuda, torch.bfloat16) == "h100"
+    assert model_gpu(cuda, torch.float32) is None  # the model is bf16 only
+    assert model_gpu(torch.device("cpu"), torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    assert model_gpu(cuda, torch.bfloat16) is None
+    case = BenchCase(2304, 16, 32, 16384)
+    forward, step = (modeled_seconds(case, mode, "h100") for mode in bench.MODES)
+    assert 0 < forward < step
+
+
+def test_measured_rows_print_the_models_prediction(tmp_path, capsys):
+    """A CPU report with a fake model prediction (the GPU path fills ``modeled_s``) renders the
+    MODELED columns: modeled ms and measured / modeled."""
+    path = tmp_path / "bench.json"
+    assert bench.main([*TINY, "--k", "4", "--json", str(path)]) == 0
+    assert "MODELED" not in capsys.readouterr().out  # no model on the CPU
+    report = json.loads(path.read_text())
+    report["cost_model_gpu"] = "h100"
+    for result in report["results"]:
+        if result["impl"] == "torch":
+            result["modeled_s"] = 1e-3
+    path.write_text(json.dumps(report))
+    assert bench.main(["--render", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "MODELED fwd ms (meas/model)" in out and "MODELED f+b ms (meas/model)" in out
+    assert "on h100's datasheet numbers" in out
+    torch_rows = [line for line in out.splitlines() if "| torch " in line]
+    assert len(torch_rows) == 1
+    for row in torch_rows:
+        *_, fwd, step = (cell.strip() for cell in row.strip(" |").split("|"))
+        results = [r for r in report["results"] if r["impl"] == "torch"]
+        for cell, result in zip((fwd, step), results, strict=True):
+            ratio = "" if result["time_s"] is None else f" ({result['time_s'] / 1e-3:.2f}x)"
+            assert cell == "1.00" + ratio
+    reference_rows = [line for line in out.splitlines() if "| reference " in line]
+    assert reference_rows and not any("x)" in line for line in reference_rows)

@@ -157,8 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             tables = render_report(report)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            parser.error(f"--render {args.render}: not a report written by bench --json "
-                         f"({type(e).__name__}: {e})")
+            parser.error(
+                f"--render {args.render}: not a report written by bench --json "
+                f"({type(e).__name__}: {e})"
+            )
     else:
         report = measure(parser, args, argv)
         tables = render_report(report)
@@ -181,7 +183,17 @@ def device_and_dtype(
     except RuntimeError:
         parser.error(f"--device must be a torch device such as cpu or cuda:0, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+        why = (
+            "this torch build has no CUDA"
+            if torch.version.cuda is None
+            else "torch sees no CUDA device"
+        )
+        # One line, no usage block: the arguments are fine, the machine is not.
+        print(
+            f"{parser.prog}: error: --device {name}: {why} (torch {torch.__version__})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     return device, dtype
 
@@ -246,6 +258,7 @@ def measure(
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "dense_matmul": runner.matmul,
+        "cost_model_gpu": runner.model_gpu,
         # Other processes' load skews CPU timings; allocator settings change them (see RESULTS.md).
         "load_average": {"before": load_before, "after": load_during},
         "contend": args.contend,

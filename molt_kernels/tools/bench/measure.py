@@ -23,10 +23,12 @@ from ...layers.flops import (
     transcoder_cost,
 )
 from ...layers.transcoder import TranscoderConfig
+from ..cost_model import GPUS, step_cost
 from .workload import (
     MODES,
     REFERENCE,
     TRANSCODER,
+    TRITON,
     BenchCase,
     make_inputs,
     make_molt,
@@ -121,6 +123,24 @@ def time_runs(fn: Callable[[], None], device: torch.device, repeats: int) -> lis
     return times
 
 
+def model_gpu(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The cost model's name ("h100", "h200", "a100") for this device, None where the model does
+    not apply: not CUDA, another GPU, or a dtype other than bf16 (the model's only dtype)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((gpu for gpu in GPUS if gpu in name), None)
+
+
+def modeled_seconds(case: BenchCase, mode: str, gpu: str) -> float:
+    """MODELED seconds of ``mode`` for the triton backend at ``case`` on ``gpu``: the whole step
+    for forward_backward, the kernels named "forward" for forward."""
+    cost = step_cost(case.d, case.n, case.k, case.tokens, gpu=gpu)
+    if mode == "forward_backward":
+        return cost["modeled_step_seconds"]
+    return sum(k["seconds"] for k in cost["kernels"] if "forward" in k["kernel"])
+
+
 def dense_matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
     """FLOP/s of a square matmul in ``dtype``: the machine's dense reference rate."""
     n = MATMUL_SIZE["cuda" if device.type == "cuda" else "cpu"]
@@ -184,6 +204,9 @@ class Result:
     speedup_vs_reference: float | None = None
     fraction_of_flop_ratio: float | None = None
     skipped: str | None = None
+    # The roofline cost model's time for this row (tools/cost_model.py; MODELED, not measured):
+    # triton rows in bf16 on a GPU the model has datasheet numbers for, else None.
+    modeled_s: float | None = None
 
 
 @dataclass
@@ -201,6 +224,7 @@ class Runner:
 
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         self.args, self.device, self.dtype = args, device, dtype
+        self.model_gpu = model_gpu(device, dtype)
         self.elem = torch.empty(0, dtype=dtype).element_size()
         self.matmul = dense_matmul_rate(device, dtype, args.repeats)
         # FLOP/s each (impl, mode) reached on its last run; starts at the dense matmul rate.
@@ -263,6 +287,8 @@ class Runner:
                         own.forward if mode == "forward" else own.forward_backward
                     ),
                 )
+                if impl == TRITON and self.model_gpu is not None:
+                    result.modeled_s = modeled_seconds(case, mode, self.model_gpu)
                 executed = per_token * case.tokens
                 need = planned_bytes(impl, cfg, tcfg, case.tokens, mode, self.elem)
                 result.skipped = self.skip_reason(impl, mode, executed, need)

@@ -92,13 +92,25 @@ def _time_ratio(num: Result | None, den: Result | None) -> float | None:
     return num.time_s / den.time_s
 
 
+def _cell_model(r: Result | None) -> str:
+    """MODELED ms and measured / modeled, or "-" where the model does not cover the row."""
+    if r is None or r.modeled_s is None:
+        return "-"
+    ratio = "" if r.time_s is None else f" ({r.time_s / r.modeled_s:.2f}x)"
+    return f"{r.modeled_s * 1e3:.2f}{ratio}"
+
+
 def main_table(results: Sequence[Result], impls: Sequence[str]) -> str:
-    """One row per (config, implementation), forward and forward+backward side by side."""
+    """One row per (config, implementation), forward and forward+backward side by side; with the
+    cost model's prediction (MODELED ms, measured/modeled) where a row has one."""
+    modeled = any(r.modeled_s is not None for r in results)
     headers = [
         "config", "impl", "FLOP/tok fwd", "fwd ms", "f+b ms", "f+b/fwd",
         "useful GFLOP/s fwd (of mm)", "useful GFLOP/s f+b (of mm)", "fwd MiB", "f+b MiB",
         "speed-up fwd", "speed-up f+b", "of FLOP ratio fwd", "of FLOP ratio f+b",
     ]  # fmt: skip
+    if modeled:
+        headers += ["MODELED fwd ms (meas/model)", "MODELED f+b ms (meas/model)"]
     index = index_results(results)
     rows = []
     for case in dict.fromkeys(_case(r) for r in results):
@@ -115,7 +127,7 @@ def main_table(results: Sequence[Result], impls: Sequence[str]) -> str:
                 _fmt(b and b.speedup_vs_reference, ".2f"),
                 _fmt(f and f.fraction_of_flop_ratio, ".0%"),
                 _fmt(b and b.fraction_of_flop_ratio, ".0%"),
-            ])  # fmt: skip
+            ] + ([_cell_model(f), _cell_model(b)] if modeled else []))  # fmt: skip
     return render_table(headers, rows)
 
 
@@ -230,6 +242,14 @@ def render_report(report: dict[str, Any]) -> str:
                 ),
                 *(f"{k}={v}" for k, v in report["environment"].items() if v is not None),
             ]
+        ),
+        *(
+            [
+                f"MODELED columns: the roofline cost model (tools/cost_model.py, bf16) on "
+                f"{report['cost_model_gpu']}'s datasheet numbers; (meas/model) = measured / modeled"
+            ]
+            if report.get("cost_model_gpu")
+            else []
         ),
         "",
         main_table(results, report["impls"]),

@@ -29,6 +29,7 @@ SUITE_CASE = {"cpu": (512, 2, 8, 4096), "cuda": (2304, 4, 8, 16384)}
 MODES = ("forward", "forward_backward")
 TRANSCODER = "transcoder"
 REFERENCE = "reference"
+TRITON = "triton"
 SEED = 0
 
 
@@ -66,13 +67,13 @@ def grid(
 def native_backends(device: torch.device) -> tuple[str, ...]:
     """MOLT backends that run natively on ``device`` (the Triton interpreter is not timed)."""
     return tuple(
-        b for b in available_backends(device) if not (b == "triton" and device.type != "cuda")
+        b for b in available_backends(device) if not (b == TRITON and device.type != "cuda")
     )
 
 
 def sparse_backend(backends: Sequence[str]) -> str:
     """The fastest sparse backend among ``backends`` (fused kernels before PyTorch)."""
-    return "triton" if "triton" in backends else "torch"
+    return TRITON if TRITON in backends else "torch"
 
 
 # -- workloads ---------------------------------------------------------------------------------

@@ -182,6 +182,58 @@ def test_atomic_combine_matches_reference(name: str, dtype: torch.dtype) -> None
         assert rel_err(got, want) < TOLERANCE[dtype], f"{name_}: {rel_err(got, want):.2e}"
 
 
+@pytest.fixture
+def split_plans(monkeypatch):
+    """dU / dV chunks of 32 rows (16 rows per block here), so the skewed cases split their hot
+    transforms; yields the hot-transform ids of every backward's plan."""
+    monkeypatch.setattr(configs, "XTY_CHUNK_ROWS", 32)
+    plans = []
+    plan_split = triton_impl._plan_xty_split
+
+    def spy(table, rank_of_t, *args):
+        split = plan_split(table, rank_of_t, *args)
+        if split.plan is not None:
+            hot = split.plan[2 * (rank_of_t.shape[0] + 1) :]
+            plans.append(hot[hot >= 0].tolist())
+        return split
+
+    monkeypatch.setattr(triton_impl, "_plan_xty_split", spy)
+    return plans
+
+
+@pytest.mark.parametrize(
+    "name, dtype",
+    [("all_to_one", torch.float64), ("all_to_one", torch.bfloat16), ("zipf", torch.float32)],
+    ids=lambda v: str(v).removeprefix("torch."),
+)
+def test_hot_transforms_split_in_dU_dV(split_plans, name: str, dtype: torch.dtype) -> None:
+    """Skewed routing: a hot transform's rows split into chunk programs whose partials a second
+    pass sums in order; every output and gradient against the reference."""
+    check_against_reference_and_torch(CASES[name], dtype)
+    assert split_plans and all(split_plans), "no transform was split"
+
+
+def test_split_respects_the_partial_budget(split_plans, monkeypatch) -> None:
+    """A budget of 200 partial rank rows: the first hot transforms (in id order) split, later
+    ones stay whole; still exact."""
+    monkeypatch.setattr(configs, "XTY_PARTIAL_ELEMENTS", 200 * 33)  # width max(33, 17)
+    torch.manual_seed(3)
+    inputs = make_inputs(CASES["zipf"], torch.float64)
+    got = run(inputs, "triton")
+    ref = run(inputs, "reference", cast=lambda t: t.double())
+    assert all(rel_err(g, r) < TOLERANCE[torch.float64] for g, r in zip(got, ref, strict=True))
+    assert split_plans and all(1 <= len(hot) <= 200 // 64 for hot in split_plans)
+    counts = torch.bincount(inputs["indices"].flatten(), minlength=20)
+    assert (counts > 32).sum() > max(len(hot) for hot in split_plans)  # some hot stay whole
+
+
+def test_split_is_bitwise_deterministic(split_plans) -> None:
+    inputs = make_inputs(CASES["all_to_one"], torch.float32)
+    first, second = run(inputs, "triton"), run(inputs, "triton")
+    assert split_plans
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_torch_compile_traces_the_op() -> None:
     """Fake kernels and register_autograd let torch.compile trace forward and backward whole."""
     inputs = make_inputs(CASES["tokens7"], torch.float32)
@@ -254,7 +306,8 @@ def test_block_m_follows_rows_per_segment() -> None:
 def test_gpu_report_builds_cover_every_kernel() -> None:
     builds = lowrank_builds.gpu_report_builds()
     names = {b.name for b in builds}
-    assert names == {"lowrank_shrink", "lowrank_expand", "lowrank_xty"}
+    assert names == {"lowrank_shrink", "lowrank_expand", "lowrank_xty", "lowrank_xty_plan",
+                     "lowrank_xty_reduce"}
     for build in builds:
         assert list(build.signature) == build.fn.arg_names
 

@@ -192,6 +192,17 @@ WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
 MAX_STAGES = {"half": 3, "full": 1}
 # Pipeline stages fit in this much shared memory (sm_80 allows 163 KiB per block).
 STAGE_BYTES = 128 << 10
+# dU / dV (X^T Y) under skewed routing: a transform with more than XTY_CHUNK_ROWS routed rows is
+# split into even chunks of at most that many rows, one program each, and a second pass sums a
+# split transform's chunk partials in chunk order (deterministic). The partials (accumulator
+# dtype) take at most XTY_PARTIAL_ELEMENTS elements, whatever the tokens and T: transforms past
+# that budget (in transform order) stay whole.
+XTY_CHUNK_ROWS = 1024
+XTY_PARTIAL_ELEMENTS = 16 << 20
+# The plan kernel scans XTY_PLAN_BLOCK_T transforms per step; the reduction gives each split
+# transform XTY_REDUCE_PROGRAMS programs of XTY_REDUCE_BLOCK_E elements per step.
+XTY_PLAN_BLOCK_T = 1024
+XTY_REDUCE_BLOCK_E, XTY_REDUCE_PROGRAMS = 1024, 8
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,10 @@ class MixtureConfig:
     expand_bwd: Launch  # N = d_in
     grad_u: Launch  # P = d_out
     grad_v: Launch  # P = d_in
+    xty_chunk_blocks: int  # blocks per X^T Y chunk of a split transform
+    xty_partial_rows: int  # rank rows of chunk partials at most (XTY_PARTIAL_ELEMENTS / width)
+    xty_plan: Launch
+    xty_reduce: Launch
 
 
 def _pow2_tile(size: int, cap: int) -> int:
@@ -344,7 +359,10 @@ def mixture_config(
         # at every BLOCK_M, one stage none (gpu-report).
         shrink_bwd = Launch(shrink_bwd.tiles, shrink_bwd.num_warps, 1)
     return MixtureConfig(layout, shrink(d_in), expand(d_out), shrink_bwd, expand(d_in),
-                         xty(d_out), xty(d_in))
+                         xty(d_out), xty(d_in), max(1, XTY_CHUNK_ROWS // m),
+                         XTY_PARTIAL_ELEMENTS // max(d_in, d_out, 1),
+                         Launch({"BLOCK_T": XTY_PLAN_BLOCK_T}, WARPS, 1),
+                         Launch({"BLOCK_E": XTY_REDUCE_BLOCK_E}, WARPS, 1))
 
 
 def sm_count(device: torch.device) -> int:

@@ -249,27 +249,101 @@ def _expand_kernel(
 
 
 @triton.jit
+def _xty_plan_kernel(
+    t_block_start_ptr, rank_of_t_ptr, plan_ptr, n_transforms, chunk_blocks, budget_rows,
+    max_hot, BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """One program scans the transforms (BLOCK_T at a time, with running carries) and writes the
+    split X^T Y plan, int64: work_start [T + 1] (first work item of each transform: its chunks
+    times its rank tiles), part_start [T + 1] (first partial rank row of each split transform)
+    and hot [max_hot] (the split transforms in order, -1 after them).
+
+    A transform with more than chunk_blocks blocks splits into cdiv(blocks, chunk_blocks) chunks
+    while the partial rank rows asked for so far (in transform order) fit budget_rows; later
+    ones stay whole. The plan depends on the routing only, so the result is deterministic."""
+    work_start = plan_ptr
+    part_start = plan_ptr + n_transforms + 1
+    hot_ids = plan_ptr + 2 * (n_transforms + 1)
+    zero = tl.zeros((BLOCK_T,), tl.int64)
+    work_carry = tl.sum(zero, 0)
+    part_carry = work_carry
+    asked_carry = work_carry
+    hot_carry = work_carry
+    tl.store(work_start, work_carry)
+    tl.store(part_start, work_carry)
+    for t0 in range(0, n_transforms, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = t < n_transforms
+        blocks = (tl.load(t_block_start_ptr + t + 1, mask=ok, other=0)
+                  - tl.load(t_block_start_ptr + t, mask=ok, other=0))
+        chunks = tl.cdiv(blocks, chunk_blocks)
+        rank = tl.load(rank_of_t_ptr + t, mask=ok, other=0)
+        asked = tl.where(ok & (chunks > 1), chunks * rank, zero)
+        hot = (asked > 0) & (asked_carry + tl.cumsum(asked, 0) <= budget_rows)
+        chunks = tl.where(hot, chunks, 1)
+        work = tl.where(ok, chunks * tl.cdiv(rank, BLOCK_Q), zero)
+        part = tl.where(hot, chunks * rank, zero)
+        n_hot = tl.where(hot, 1, zero)
+        tl.store(work_start + t + 1, work_carry + tl.cumsum(work, 0), mask=ok)
+        tl.store(part_start + t + 1, part_carry + tl.cumsum(part, 0), mask=ok)
+        tl.store(hot_ids + hot_carry + tl.cumsum(n_hot, 0) - 1, t.to(tl.int64), mask=hot)
+        work_carry += tl.sum(work, 0)
+        part_carry += tl.sum(part, 0)
+        asked_carry += tl.sum(asked, 0)
+        hot_carry += tl.sum(n_hot, 0)
+    for h0 in range(hot_carry, max_hot, BLOCK_T):
+        h = h0 + tl.arange(0, BLOCK_T)
+        tl.store(hot_ids + h, zero - 1, mask=h < max_hot)
+
+
+@triton.jit
 def _xty_kernel(
-    x_ptr, h_ptr, out_ptr, gate_ptr, t_block_start_ptr, block_h_ptr, row_pair_ptr, binfo_ptr,
-    P, n_slots, stride_xm,
+    x_ptr, h_ptr, out_ptr, part_ptr, gate_ptr, t_block_start_ptr, block_h_ptr, row_pair_ptr,
+    binfo_ptr, plan_ptr, P, n_slots, stride_xm, n_transforms,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    N_BUCKETS: tl.constexpr, GATED: tl.constexpr, TRANSPOSED: tl.constexpr,
+    N_BUCKETS: tl.constexpr, GATED: tl.constexpr, TRANSPOSED: tl.constexpr, SPLIT: tl.constexpr,
     ACC: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     item = tl.program_id(0)
-    b = _bucket(item, binfo_ptr, 2, N_BUCKETS)
-    rank = tl.load(binfo_ptr + b * INFO + 1)
-    local = item - tl.load(binfo_ptr + b * INFO + 2)
-    q_tiles = tl.cdiv(rank, BLOCK_Q)
-    t = tl.load(binfo_ptr + b * INFO) + local // q_tiles
+    if SPLIT:
+        # Work items (transform, chunk, rank tile) from the plan; the grid is a shape-only bound
+        # and programs past the last item exit. t: the last transform with work_start[t] <= item.
+        if item >= tl.load(plan_ptr + n_transforms):
+            return
+        lo = n_transforms * 0
+        hi = n_transforms + 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            below = tl.load(plan_ptr + mid) <= item
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+        t = lo
+        b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
+        rank = tl.load(binfo_ptr + b * INFO + 1)
+        q_tiles = tl.cdiv(rank, BLOCK_Q)
+        first_item = tl.load(plan_ptr + t)
+        n_chunks = (tl.load(plan_ptr + t + 1) - first_item) // q_tiles
+        local = item - first_item
+    else:
+        # Items (transform, rank tile) per bucket, from binfo: every transform whole.
+        b = _bucket(item, binfo_ptr, 2, N_BUCKETS)
+        rank = tl.load(binfo_ptr + b * INFO + 1)
+        local = item - tl.load(binfo_ptr + b * INFO + 2)
+        q_tiles = tl.cdiv(rank, BLOCK_Q)
+        t = tl.load(binfo_ptr + b * INFO) + local // q_tiles
+        n_chunks = q_tiles // q_tiles
+    chunk = local // q_tiles
     offs_q = (local % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p[:, None] < P
     q_ok = offs_q[None, :] < rank
     first = tl.load(t_block_start_ptr + t)
-    row_lo = first.to(tl.int64) * BLOCK_M
-    row_hi = tl.load(t_block_start_ptr + t + 1).to(tl.int64) * BLOCK_M
-    h_base = tl.load(block_h_ptr + first) - row_lo * rank
+    end = tl.load(t_block_start_ptr + t + 1)
+    # Chunk c of n_chunks even chunks of t's blocks.
+    per_chunk = tl.cdiv(end - first, n_chunks)
+    row_lo = (first + chunk * per_chunk).to(tl.int64) * BLOCK_M
+    row_hi = tl.minimum(first + (chunk + 1) * per_chunk, end).to(tl.int64) * BLOCK_M
+    h_base = tl.load(block_h_ptr + first) - first.to(tl.int64) * BLOCK_M * rank
     acc = tl.zeros((BLOCK_P, BLOCK_Q), ACC)
     # t's blocks are consecutive rows, BLOCK_K (dividing BLOCK_M) per step.
     for row0 in range(row_lo, row_hi, BLOCK_K):
@@ -285,10 +359,43 @@ def _xty_kernel(
             gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
             h = (h.to(ACC) * gate[:, None]).to(h_ptr.dtype.element_ty)
         acc = _dot(xt, h, acc, DOT_FP32, PRECISION)
-    # Flat gradient of all buckets: t's [P, r] (or [r, P]) block after the rank rows before it.
-    base = (tl.load(binfo_ptr + b * INFO + 3) + (t - tl.load(binfo_ptr + b * INFO)) * rank) * P
+    # t's [P, r] (or [r, P]) block: in the flat gradient of all buckets after the rank rows before
+    # it; a split transform's chunks go to the partial buffer instead (_xty_reduce_kernel).
     if TRANSPOSED:
         tile = offs_q[None, :] * P + offs_p[:, None]
     else:
         tile = offs_p[:, None] * rank + offs_q[None, :]
-    tl.store(out_ptr + base + tile, acc.to(out_ptr.dtype.element_ty), mask=p_ok & q_ok)
+    if n_chunks > 1:
+        base = (tl.load(plan_ptr + n_transforms + 1 + t) + chunk * rank) * P
+        tl.store(part_ptr + base + tile, acc.to(part_ptr.dtype.element_ty), mask=p_ok & q_ok)
+    else:
+        t0 = tl.load(binfo_ptr + b * INFO)
+        base = (tl.load(binfo_ptr + b * INFO + 3) + (t - t0) * rank) * P
+        tl.store(out_ptr + base + tile, acc.to(out_ptr.dtype.element_ty), mask=p_ok & q_ok)
+
+
+@triton.jit
+def _xty_reduce_kernel(
+    part_ptr, out_ptr, binfo_ptr, plan_ptr, P, n_transforms,
+    BLOCK_E: tl.constexpr, BLOCK_Q: tl.constexpr, N_BUCKETS: tl.constexpr,
+):
+    """The flat-gradient block of split transform hot[program 0] = the sum of its chunks'
+    partials in chunk order (deterministic); programs along axis 1 stride over its r x P
+    elements."""
+    t = tl.load(plan_ptr + 2 * (n_transforms + 1) + tl.program_id(0))
+    if t < 0:
+        return
+    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
+    rank = tl.load(binfo_ptr + b * INFO + 1)
+    n_chunks = (tl.load(plan_ptr + t + 1) - tl.load(plan_ptr + t)) // tl.cdiv(rank, BLOCK_Q)
+    size = rank * P
+    src = part_ptr + tl.load(plan_ptr + n_transforms + 1 + t) * P
+    t0 = tl.load(binfo_ptr + b * INFO)
+    dst = out_ptr + (tl.load(binfo_ptr + b * INFO + 3) + (t - t0) * rank) * P
+    for e0 in range(tl.program_id(1) * BLOCK_E, size, tl.num_programs(1) * BLOCK_E):
+        offs = e0 + tl.arange(0, BLOCK_E)
+        ok = offs < size
+        acc = tl.load(src + offs, mask=ok, other=0.0)
+        for c in range(1, n_chunks):
+            acc += tl.load(src + c * size + offs, mask=ok, other=0.0)
+        tl.store(dst + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -16,10 +16,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..configs import MixtureConfig, MixtureLayout, plan
+from ..configs import XTY_REDUCE_PROGRAMS, MixtureConfig, MixtureLayout, plan
 from ..dtypes import accumulator_dtype, dot_precision
 from ..runtime import triton_interpreting
-from .kernels import INFO_COLUMNS, _expand_kernel, _shrink_kernel, _xty_kernel
+from .kernels import (
+    INFO_COLUMNS,
+    _expand_kernel,
+    _shrink_kernel,
+    _xty_kernel,
+    _xty_plan_kernel,
+    _xty_reduce_kernel,
+)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -243,17 +250,68 @@ def forward(
     return y, table, h_pre
 
 
+class XtySplit(NamedTuple):
+    """How one backward's X^T Y programs split hot transforms (kernels._xty_plan_kernel).
+
+    plan: int64 [2 (T + 1) + max_hot], None when no transform can split (then every transform is
+    one program per rank tile, as binfo lays them out); part: the chunk partials, accumulator
+    dtype, at most XTY_PARTIAL_ELEMENTS; n_work: X^T Y programs along axis 0 (shape-only bound);
+    max_hot: transforms that can split (the reduction's programs).
+    """
+
+    plan: Tensor | None
+    part: Tensor | None
+    n_work: int
+    max_hot: int
+
+
+def _plan_xty_split(
+    table: BlockTable, rank_of_t: Tensor, ranks: Sequence[int], n_items: int,
+    cfg: MixtureConfig, width: int, acc_dtype: torch.dtype, run: Runner,
+) -> XtySplit:
+    """Launch the plan (no host sync: every size is a bound from shapes) for X^T Y outputs up to
+    ``width`` = max(d_in, d_out) wide; dU and dV share it and its partial buffer."""
+    n_transforms, layout = rank_of_t.shape[0], cfg.layout
+    chunk = cfg.xty_chunk_blocks
+    budget_rows = cfg.xty_partial_rows
+    # A split transform has > chunk blocks and takes >= 2 r_min partial rank rows.
+    max_hot = min(n_transforms, layout.n_blocks // (chunk + 1), budget_rows // (2 * min(ranks)))
+    if max_hot <= 0:
+        return XtySplit(None, None, n_items, 0)
+    block_q = cfg.grad_u.tiles["BLOCK_Q"]
+    # Extra programs: sum over split t of (chunks_t - 1) x rank tiles_t, chunks_t - 1 <= B_t / chunk
+    # and sum of chunks_t x r_t <= budget_rows.
+    extra = min(layout.n_blocks // chunk, budget_rows // min(ranks)) * triton.cdiv(max(ranks),
+                                                                                 block_q)
+    device = rank_of_t.device
+    plan = torch.empty(2 * (n_transforms + 1) + max_hot, dtype=torch.int64, device=device)
+    run(_xty_plan_kernel, (1,), cfg.xty_plan, table.t_block_start, rank_of_t, plan,
+        n_transforms, chunk, budget_rows, max_hot, BLOCK_Q=block_q)
+    part_rows = min(budget_rows, (layout.n_blocks // chunk + max_hot) * max(ranks))
+    part = _empty((part_rows * width,), acc_dtype, device)
+    return XtySplit(plan, part, n_items + extra, max_hot)
+
+
 def _xty(
     x: Tensor, h: Tensor, gates: Tensor | None, out: Tensor, transposed: bool, table: BlockTable,
-    binfo: Tensor, n_items: int, cfg_launch, n_slots: int, common: dict, run: Runner,
+    binfo: Tensor, split: XtySplit, cfg_launch, cfg: MixtureConfig, n_slots: int, common: dict,
+    run: Runner,
 ) -> None:
-    """out (flat, every bucket) = per transform t: X[token(rows)]^T (g) H[rows] over t's rows."""
+    """out (flat, every bucket) = per transform t: X[token(rows)]^T (g) H[rows] over t's rows;
+    split transforms by chunks, then summed in chunk order."""
     P = x.shape[1]
-    grid = (n_items, triton.cdiv(P, cfg_launch.tiles["BLOCK_P"]))
+    n_transforms = table.t_block_start.shape[0] - 1
+    grid = (split.n_work, triton.cdiv(P, cfg_launch.tiles["BLOCK_P"]))
+    plan = split.plan if split.plan is not None else table.t_block_start  # never read unsplit
+    part = split.part if split.part is not None else out
     run(_xty_kernel, grid, cfg_launch,
-        x, h, out, gates if gates is not None else out, table.t_block_start, table.block_h,
-        table.pair_of_row, binfo, P, n_slots, x.stride(0),
-        GATED=gates is not None, TRANSPOSED=transposed, **common)
+        x, h, out, part, gates if gates is not None else out, table.t_block_start,
+        table.block_h, table.pair_of_row, binfo, plan, P, n_slots, x.stride(0), n_transforms,
+        GATED=gates is not None, TRANSPOSED=transposed, SPLIT=split.plan is not None, **common)
+    if split.plan is not None:
+        run(_xty_reduce_kernel, (split.max_hot, XTY_REDUCE_PROGRAMS), cfg.xty_reduce,
+            part, out, binfo, plan, P, n_transforms, BLOCK_Q=cfg_launch.tiles["BLOCK_Q"],
+            N_BUCKETS=common["N_BUCKETS"])
 
 
 def backward(
@@ -279,16 +337,20 @@ def backward(
     cfg: MixtureConfig = plan(n_tokens, n_slots, U, V, x.dtype, deterministic)
     layout = cfg.layout
     ranks, counts = tuple(v.shape[1] for v in V), tuple(v.shape[0] for v in V)
-    binfo, _, n_items = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"], x.device)
+    binfo, rank_of_t, n_items = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"],
+                                               x.device)
     x, gates, grad_y = x.contiguous(), gates.contiguous(), grad_y.contiguous()
     common = dict(N_BUCKETS=len(V), ACC=_acc(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
                   PRECISION=dot_precision(x.dtype, allow_tf32))
     # Dropped pairs get no program: their gradient is the zero they start from.
     dgates = torch.zeros(n_tokens, n_slots, dtype=gates.dtype, device=x.device)
     dx = dU = dV = None
+    if need_u or need_v:
+        split = _plan_xty_split(table, rank_of_t, ranks, n_items, cfg,
+                                max(x.shape[1], grad_y.shape[1]), accumulator_dtype(x.dtype), run)
     if need_u:
         dU = _empty((sum(u.numel() for u in U),), U[0].dtype, x.device)
-        _xty(grad_y, h_pre, gates, dU, False, table, binfo, n_items, cfg.grad_u, n_slots,
+        _xty(grad_y, h_pre, gates, dU, False, table, binfo, split, cfg.grad_u, cfg, n_slots,
              common, run)
     if need_g or need_x or need_v:
         dh = _empty((layout.h_size,), x.dtype, x.device)
@@ -302,5 +364,6 @@ def backward(
                     common, run, deterministic)
         if need_v:
             dV = _empty((sum(v.numel() for v in V),), V[0].dtype, x.device)
-            _xty(x, dh, None, dV, True, table, binfo, n_items, cfg.grad_v, n_slots, common, run)
+            _xty(x, dh, None, dV, True, table, binfo, split, cfg.grad_v, cfg, n_slots, common,
+                 run)
     return dx, dgates if need_g else None, dU, dV

@@ -8,8 +8,9 @@ compiled for sm_80 and sm_90 in CI.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -187,11 +188,38 @@ DENSE_GATE_EXPECTED_L0 = 32
 # Weight tensors one launch reads (one kernel argument each).
 MAX_BUCKETS = 8
 WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
-# fp32 (ieee, FMA) and fp64 take one stage: the fp32 backward shrink at BLOCK_M=32 spills with
-# two on sm_80, and a load pipeline buys little on the FMA path.
-MAX_STAGES = {"half": 3, "full": 1}
-# Pipeline stages fit in this much shared memory (sm_80 allows 163 KiB per block).
-STAGE_BYTES = 128 << 10
+
+
+@dataclass(frozen=True)
+class ArchTiles:
+    """The decode's pipeline rules on one architecture: stages at most per kind, and the shared
+    memory the stages of one block may take. fp32 (ieee, FMA) and fp64 take one stage: the fp32
+    backward shrink at BLOCK_M=32 spills with two on sm_80, and a load pipeline buys little on
+    the FMA path."""
+
+    max_stages: dict[str, int]
+    stage_bytes: int
+
+
+# sm_80 allows 163 KiB of shared memory per block, sm_90 227 KiB: Hopper takes a fourth stage
+# for tensor-core dtypes (wgmma's asynchronous loads hide more latency with a deeper pipeline).
+# The CPU and the interpreter run sm_80's rules, so the kernel tests cover what sm_80 launches.
+ARCH_TILES = {
+    "sm_80": ArchTiles({"half": 3, "full": 1}, 128 << 10),
+    "sm_90": ArchTiles({"half": 4, "full": 1}, 192 << 10),
+}
+ARCH_TILES["cpu"] = ARCH_TILES["sm_80"]
+GPU_ARCHS = ("sm_80", "sm_90")
+
+
+def arch_of(device: torch.device) -> str:
+    """The config family of ``device``: "sm_90" for compute capability 9.x and up, "sm_80" for
+    other CUDA devices, "cpu" otherwise (the CPU, the interpreter, meta)."""
+    if device.type != "cuda":
+        return "cpu"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
+
 # dU / dV (X^T Y) under skewed routing: a transform with more than XTY_CHUNK_ROWS routed rows is
 # split into even chunks of at most that many rows, one program each, and a second pass sums a
 # split transform's chunk partials in chunk order (deterministic). The partials (accumulator
@@ -261,12 +289,12 @@ def _pow2_tile(size: int, cap: int) -> int:
 
 
 def _launch(
-    kind: str, acc_shape: tuple[int, int], acc_bytes: int, stage_bytes: int, big: bool = False,
-    **tiles: int,
+    kind: str, arch: ArchTiles, acc_shape: tuple[int, int], acc_bytes: int, stage_bytes: int,
+    big: bool = False, **tiles: int,
 ) -> Launch:
     big = big or kind == "full" or acc_shape[0] * acc_shape[1] * acc_bytes >= BIG_ACCUMULATOR_BYTES
     warps = BIG_WARPS if big else WARPS
-    return Launch(tiles, warps, max(1, min(MAX_STAGES[kind], STAGE_BYTES // stage_bytes)))
+    return Launch(tiles, warps, max(1, min(arch.max_stages[kind], arch.stage_bytes // stage_bytes)))
 
 
 def mixture_layout(
@@ -316,11 +344,13 @@ def mixture_layout(
 def mixture_config(
     n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_in: int,
     d_out: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
-    deterministic: bool = True, sms: int = DEFAULT_SMS,
+    deterministic: bool = True, sms: int = DEFAULT_SMS, arch: str = "cpu",
 ) -> MixtureConfig:
     """Every launch parameter of the decode, from shapes, the input dtype, the weights' dtype
-    (None: the input's), the combine (deterministic or atomic) and the GPU's SM count."""
+    (None: the input's), the combine (deterministic or atomic), the GPU's SM count and the config
+    family (``arch_of``; the layout is the same on every architecture)."""
     kind = "half" if dtype in HALF else "full"
+    rules = ARCH_TILES[arch]
     layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype, d_in, deterministic,
                             sms)
     m = layout.block_m
@@ -330,7 +360,7 @@ def mixture_config(
 
     def shrink(k: int) -> Launch:
         bk = _pow2_tile(k, deep)
-        return _launch(kind, (m, tile_r), acc, (m * bk + bk * tile_r) * elem,
+        return _launch(kind, rules, (m, tile_r), acc, (m * bk + bk * tile_r) * elem,
                        BLOCK_M=m, BLOCK_R=tile_r, BLOCK_K=bk)
 
     def expand(n: int) -> Launch:
@@ -339,12 +369,12 @@ def mixture_config(
         bn = _pow2_tile(n, wide if m < MAX_BLOCK_M else wide // 2)
         # The combine also holds the read-modify-write tile and the gated h tile: 8 warps
         # (4 spill on sm_80 and sm_90 at BLOCK_M 16 and 32).
-        return _launch(kind, (m, bn), acc, (m * tile_r + tile_r * bn) * elem, big=True,
+        return _launch(kind, rules, (m, bn), acc, (m * tile_r + tile_r * bn) * elem, big=True,
                        BLOCK_M=m, BLOCK_N=bn, BLOCK_K=tile_r)
 
     def xty(p: int) -> Launch:
         bp, step = _pow2_tile(p, wide), min(m, deep)
-        launch = _launch(kind, (bp, tile_r), acc, (bp * step + step * tile_r) * elem,
+        launch = _launch(kind, rules, (bp, tile_r), acc, (bp * step + step * tile_r) * elem,
                          BLOCK_M=m, BLOCK_P=bp, BLOCK_Q=tile_r, BLOCK_K=step)
         if dtype == torch.float32:
             # fp32 X^T Y (FMA dot, 64 x 32 accumulator): 8 warps spill 8 bytes on sm_80, 4 do not.
@@ -374,13 +404,113 @@ def sm_count(device: torch.device) -> int:
 
 def plan(
     n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: torch.dtype,
-    deterministic: bool = True,
+    deterministic: bool = True, arch: str | None = None,
 ) -> MixtureConfig:
-    """The decode's MixtureConfig for these weights (shapes and device only)."""
+    """The decode's MixtureConfig for these weights (shapes and device only) on ``arch``
+    (default: the weights' device, see ``arch_of``)."""
     if len(V) > MAX_BUCKETS:
         raise ValueError(f"the triton decode takes at most {MAX_BUCKETS} rank buckets, "
                          f"got {len(V)}")
     ranks = [v.shape[1] for v in V]
     counts = [v.shape[0] for v in V]
     return mixture_config(n_tokens, n_slots, ranks, counts, V[0].shape[2], U[0].shape[1], dtype,
-                          U[0].dtype, deterministic, sm_count(V[0].device))
+                          U[0].dtype, deterministic, sm_count(V[0].device),
+                          arch or arch_of(V[0].device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning the decode (opt-in: MOLT_KERNELS_AUTOTUNE=1)
+#
+# The first decode of a (arch, dtype, rank class, routing size class, widths) key times every
+# candidate Tuning on its own inputs (forward + backward kernels; the launch code supplies the
+# timer) and keeps the fastest; later calls with the key reuse it. A Tuning changes warps,
+# stages and the X^T Y chunk size only, never the layout, so buffer sizes (and the op's fake
+# shapes) do not depend on it. Tuning synchronises the device: tune before capturing a graph.
+
+AUTOTUNE_ENV = "MOLT_KERNELS_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """Whether ``MOLT_KERNELS_AUTOTUNE`` is set to 1 (read at every call)."""
+    return os.environ.get(AUTOTUNE_ENV, "0") == "1"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch knobs the autotuner varies; None keeps the architecture's default."""
+
+    num_warps: int | None = None
+    num_stages: int | None = None
+    xty_chunk_rows: int | None = None
+
+
+TuningKey = tuple[str, str, int, int, int, int]
+
+
+def tuning_key(
+    arch: str, dtype: torch.dtype, ranks: Sequence[int], n_tokens: int, n_slots: int,
+    n_transforms: int, d_in: int, d_out: int,
+) -> TuningKey:
+    """(arch, dtype, rank class = max rank rounded up to a power of 2, routing size class =
+    log2 of the pairs routed at most (rounded up), d_in, d_out)."""
+    pairs = n_tokens * min(n_slots, n_transforms, MAX_MEAN_PAIRS_PER_TOKEN)
+    return (arch, str(dtype).removeprefix("torch."), next_power_of_2(max(ranks)),
+            max(0, pairs - 1).bit_length(), d_in, d_out)
+
+
+def tuning_candidates(cfg: MixtureConfig) -> list[Tuning]:
+    """The default first, then 4 and 8 warps, one stage fewer and more, half and twice the
+    X^T Y chunk; duplicates of the default dropped."""
+    stages = max(launch.num_stages for launch in _phases(cfg))
+    others = [Tuning(num_warps=WARPS), Tuning(num_warps=BIG_WARPS)]
+    others += [Tuning(num_stages=s) for s in (stages - 1, stages + 1) if s >= 1]
+    others += [Tuning(xty_chunk_rows=r) for r in (XTY_CHUNK_ROWS // 2, XTY_CHUNK_ROWS * 2)]
+    return [Tuning()] + [t for t in dict.fromkeys(others) if apply_tuning(cfg, t) != cfg]
+
+
+def _phases(cfg: MixtureConfig) -> tuple[Launch, ...]:
+    return tuple(getattr(cfg, name) for name in _PHASE_NAMES)
+
+
+def apply_tuning(cfg: MixtureConfig, tuning: Tuning) -> MixtureConfig:
+    """``cfg`` with the knobs of ``tuning`` on its six grouped launches (layout unchanged)."""
+
+    def tuned(launch: Launch) -> Launch:
+        return Launch(launch.tiles, tuning.num_warps or launch.num_warps,
+                      tuning.num_stages or launch.num_stages)
+
+    chunk = cfg.xty_chunk_blocks
+    if tuning.xty_chunk_rows is not None:
+        chunk = max(1, tuning.xty_chunk_rows // cfg.layout.block_m)
+    return replace(cfg, **{name: tuned(getattr(cfg, name)) for name in _PHASE_NAMES},
+                   xty_chunk_blocks=chunk)
+
+
+_PHASE_NAMES = ("shrink_fwd", "expand_fwd", "shrink_bwd", "expand_bwd", "grad_u", "grad_v")
+_TUNED: dict[TuningKey, Tuning] = {}
+
+
+def autotune(
+    key: TuningKey, candidates: Sequence[Tuning], seconds: Callable[[Tuning], float] | None
+) -> Tuning:
+    """The cached Tuning of ``key``; on a miss with a timer, the candidate with the fewest
+    ``seconds`` (the first on ties; one that raises, e.g. out of shared memory, loses), cached.
+    Without a timer a miss gives the default."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if seconds is None:
+        return Tuning()
+    timed = []
+    for candidate in candidates:
+        try:
+            timed.append(seconds(candidate))
+        except Exception:  # noqa: BLE001 - a candidate that cannot launch is not the fastest
+            timed.append(math.inf)
+    best = candidates[min(range(len(candidates)), key=timed.__getitem__)]
+    _TUNED[key] = best
+    return best
+
+
+def clear_tuning_cache() -> None:
+    """Forget every tuned key (tests; a new device)."""
+    _TUNED.clear()

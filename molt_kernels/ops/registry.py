@@ -49,6 +49,9 @@ class KernelBuild:
     # output tile (0: no tl.dot) and its operand type ("bf16", "fp16", "tf32", "fp32", "fp64").
     dot_rows: int = 0
     dot_input: str = ""
+    # Config families (``configs.arch_of``) whose launch code picks this build; the gpu-report
+    # compiles it for the targets of these families only (sm_86/89 belong to sm_80's).
+    archs: tuple[str, ...] = ("sm_80", "sm_90")
 
 
 def collect_builds() -> list[KernelBuild]:

@@ -80,6 +80,11 @@ class ReportRow:
     error: str | None = None            # compile failure, first line
 
 
+def config_family(arch: str) -> str:
+    """The launch-config family of a target (``ops.configs.arch_of``): sm_90 from 9.0 up."""
+    return "sm_90" if int(arch.removeprefix("sm_")) >= 90 else "sm_80"
+
+
 def check_limits(row: ReportRow) -> list[str]:
     """Problems with ``row``: compile failure, any local memory or spill, shared memory too big,
     a large half/tf32 dot on sm_90 without wgmma.
@@ -138,8 +143,12 @@ def render_table(rows: Sequence[ReportRow]) -> str:
 def compile_builds(
     builds: Sequence[KernelBuild], archs: Sequence[str], jobs: int | None = None
 ) -> list[ReportRow]:
-    """Compile every build for every arch, ``jobs`` at a time; rows in build, then arch order."""
-    tasks = [(i, arch) for i in range(len(builds)) for arch in archs]
+    """Compile every build for every arch of its config families (``KernelBuild.archs``),
+    ``jobs`` at a time; rows in build, then arch order."""
+    tasks = [
+        (i, arch) for i, build in enumerate(builds) for arch in archs
+        if config_family(arch) in build.archs
+    ]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     refs = [_build_ref(build) for build in builds]
     # Fresh (spawned) workers without TRITON_INTERPRET: once triton is imported under the
@@ -291,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     rows = compile_builds(builds, archs, args.jobs)
+    if not rows:
+        print(f"gpu-report: no build is picked on {', '.join(archs)}", file=sys.stderr)
+        return 1
     print(render_table(rows))
     failed = [row for row in rows if check_limits(row)]
     if args.json is not None:

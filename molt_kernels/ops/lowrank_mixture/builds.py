@@ -4,12 +4,13 @@ the launch code on meta tensors with a recording runner."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 import triton
 from torch import Tensor
 
-from ..configs import Launch
+from ..configs import GPU_ARCHS, Launch
 from ..dtypes import accumulator_dtype
 from ..registry import KernelBuild
 from .launch import backward, forward
@@ -73,9 +74,11 @@ def _report_build(
 
 
 def _recorded_launches(
-    dtype: torch.dtype, w_dtype: torch.dtype, allow_tf32: bool, n_tokens: int, deterministic: bool
+    dtype: torch.dtype, w_dtype: torch.dtype, allow_tf32: bool, n_tokens: int, deterministic: bool,
+    arch: str,
 ) -> list[tuple]:
-    """(kernel, launch, args, kwargs) of a forward and backward on meta tensors."""
+    """(kernel, launch, args, kwargs) of a forward and backward on meta tensors with ``arch``'s
+    configs."""
     meta = dict(device=torch.device("meta"))
     width, k = REPORT_WIDTH, REPORT_SLOTS
     U = [torch.empty(n, width, r, dtype=w_dtype, **meta) for r, n in REPORT_RANK_COUNTS.items()]
@@ -90,22 +93,28 @@ def _recorded_launches(
         recorded.append((kernel, launch, args, kw))
 
     y, table, h_pre = forward(x, gates, indices, U, V, b_dec, allow_tf32, run=record,
-                              deterministic=deterministic)
+                              deterministic=deterministic, arch=arch)
     backward(y, x, gates, table, U, V, h_pre, (True, True, True, True), allow_tf32, run=record,
-             deterministic=deterministic)
+             deterministic=deterministic, arch=arch)
     return recorded
 
 
 def gpu_report_builds() -> list[KernelBuild]:
     """Every (kernel, config) the launch code picks at width 2304 for the paper's ranks, for each
-    of REPORT_VARIANTS and every BLOCK_M, with either combine, captured from a forward and
-    backward on meta tensors."""
+    of REPORT_VARIANTS, every BLOCK_M, either combine and each architecture's configs, captured
+    from a forward and backward on meta tensors; a config both architectures pick is one build
+    for both."""
     builds: dict[tuple[str, str], KernelBuild] = {}
-    for dtype, w_dtype, allow_tf32 in REPORT_VARIANTS:
-        # Uniform routing: token counts whose segments pick every BLOCK_M.
-        for n_tokens, deterministic in itertools.product((2 ** p for p in range(6, 18)),
-                                                          (True, False)):
-            for launch in _recorded_launches(dtype, w_dtype, allow_tf32, n_tokens, deterministic):
-                build = _report_build(dtype, w_dtype, *launch)
-                builds.setdefault((build.name, build.config), build)
+    for arch in GPU_ARCHS:
+        for dtype, w_dtype, allow_tf32 in REPORT_VARIANTS:
+            # Uniform routing: token counts whose segments pick every BLOCK_M.
+            for n_tokens, deterministic in itertools.product((2 ** p for p in range(6, 18)),
+                                                              (True, False)):
+                for launch in _recorded_launches(dtype, w_dtype, allow_tf32, n_tokens,
+                                                 deterministic, arch):
+                    build = _report_build(dtype, w_dtype, *launch)
+                    key = (build.name, build.config)
+                    archs = builds[key].archs if key in builds else ()
+                    if arch not in archs:
+                        builds[key] = replace(build, archs=(*archs, arch))
     return list(builds.values())

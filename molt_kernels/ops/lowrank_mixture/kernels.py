@@ -331,6 +331,7 @@ def _xty_kernel(
         local = item - tl.load(binfo_ptr + b * INFO + 2)
         q_tiles = tl.cdiv(rank, BLOCK_Q)
         t = tl.load(binfo_ptr + b * INFO) + local // q_tiles
+        local = local % q_tiles  # the rank tile; chunk 0 of 1
         n_chunks = q_tiles // q_tiles
     chunk = local // q_tiles
     offs_q = (local % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)

@@ -8,6 +8,7 @@ dU and dV X^T Y), whatever the number of rank buckets.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
@@ -16,7 +17,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..configs import XTY_REDUCE_PROGRAMS, MixtureConfig, MixtureLayout, plan
+from ..configs import (
+    XTY_REDUCE_PROGRAMS,
+    MixtureConfig,
+    MixtureLayout,
+    apply_tuning,
+    arch_of,
+    autotune,
+    autotune_enabled,
+    plan,
+    tuning_candidates,
+    tuning_key,
+)
 from ..dtypes import accumulator_dtype, dot_precision
 from ..runtime import triton_interpreting
 from .kernels import (
@@ -211,6 +223,43 @@ def _expand(
         out.copy_(acc)
 
 
+def _config(
+    n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: torch.dtype,
+    deterministic: bool, arch: str | None, seconds=None,
+) -> MixtureConfig:
+    """The decode's config on ``arch`` (default: the weights' device); with autotuning on, the
+    tuned one for its key, timing the candidates with ``seconds(cfg)`` on a miss (the forward
+    passes a timer; the backward, called after it, finds the key cached)."""
+    cfg = plan(n_tokens, n_slots, U, V, dtype, deterministic, arch)
+    if not autotune_enabled():
+        return cfg
+    ranks = [v.shape[1] for v in V]
+    key = tuning_key(arch or arch_of(V[0].device), dtype, ranks, n_tokens, n_slots,
+                     sum(v.shape[0] for v in V), V[0].shape[2], U[0].shape[1])
+    timer = None if seconds is None else (lambda tuning: seconds(apply_tuning(cfg, tuning)))
+    return apply_tuning(cfg, autotune(key, tuning_candidates(cfg), timer))
+
+
+def _step_seconds(
+    cfg: MixtureConfig, x: Tensor, gates: Tensor, indices: Tensor, U: Sequence[Tensor],
+    V: Sequence[Tensor], b_dec: Tensor, allow_tf32: bool, deterministic: bool,
+) -> float:
+    """The autotuner's timer: seconds of the forward and backward kernels with ``cfg`` on these
+    inputs (CUDA: do_bench's median, warm-up and L2 flush included; elsewhere one timed run)."""
+
+    def step() -> None:
+        y, table, h_pre = forward(x, gates, indices, U, V, b_dec, allow_tf32,
+                                  deterministic=deterministic, cfg=cfg)
+        backward(y, x, gates, table, U, V, h_pre, (True,) * 4, allow_tf32,
+                 deterministic=deterministic, cfg=cfg)
+
+    if x.device.type == "cuda":
+        return triton.testing.do_bench(step, return_mode="median") / 1e3
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
 def forward(
     x: Tensor,
     gates: Tensor,
@@ -221,6 +270,8 @@ def forward(
     allow_tf32: bool = False,
     run: Runner = launch_kernel,
     deterministic: bool = True,
+    arch: str | None = None,
+    cfg: MixtureConfig | None = None,
 ) -> tuple[Tensor, BlockTable, Tensor]:
     """y [N, d_out], the block table and h_pre [layout.h_size] (x's dtype, fully written).
     ``deterministic=False`` opts into the atomic combine (see ``_expand``): faster by the cost
@@ -228,10 +279,17 @@ def forward(
 
     x [N, d_in]; gates [N, S] fp32 (fp64 for fp64 x); indices [N, S] int64; U[b] [n_b, d_out, r_b];
     V[b] [n_b, r_b, d_in] (x's dtype, or fp32 under half x: cast per tile); b_dec [d_out] (any
-    float dtype: read in the accumulation dtype). ``allow_tf32``: fp32 dots in TF32.
+    float dtype: read in the accumulation dtype). ``allow_tf32``: fp32 dots in TF32. ``arch``
+    picks the config family (default: x's device); ``cfg`` overrides the config.
     """
     n_tokens, n_slots = indices.shape
-    cfg = plan(n_tokens, n_slots, U, V, x.dtype, deterministic)
+    if cfg is None:
+        timer = None
+        if run is launch_kernel:
+            timer = functools.partial(_step_seconds, x=x, gates=gates, indices=indices, U=U,
+                                      V=V, b_dec=b_dec, allow_tf32=allow_tf32,
+                                      deterministic=deterministic)
+        cfg = _config(n_tokens, n_slots, U, V, x.dtype, deterministic, arch, timer)
     layout = cfg.layout
     ranks, counts = tuple(v.shape[1] for v in V), tuple(v.shape[0] for v in V)
     binfo, rank_of_t, _ = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"], x.device)
@@ -326,15 +384,19 @@ def backward(
     allow_tf32: bool = False,
     run: Runner = launch_kernel,
     deterministic: bool = True,
+    arch: str | None = None,
+    cfg: MixtureConfig | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx [N, d_in], dgates [N, S], dU flat, dV flat) for ``needs`` = (x, gates, U, V); the flat
     gradients hold every bucket's [n_b, d_out, r_b] / [n_b, r_b, d_in] one after the other
-    (the op's autograd views them). Inputs as returned by / passed to :func:`forward`;
-    ``deterministic=False``: dx by the atomic combine (as in :func:`forward`).
+    (the op's autograd views them). Inputs as returned by / passed to :func:`forward`, with
+    the same ``arch`` and ``cfg``; ``deterministic=False``: dx by the atomic combine (as in
+    :func:`forward`).
     """
     need_x, need_g, need_u, need_v = needs
     n_tokens, n_slots = gates.shape
-    cfg: MixtureConfig = plan(n_tokens, n_slots, U, V, x.dtype, deterministic)
+    if cfg is None:
+        cfg = _config(n_tokens, n_slots, U, V, x.dtype, deterministic, arch)
     layout = cfg.layout
     ranks, counts = tuple(v.shape[1] for v in V), tuple(v.shape[0] for v in V)
     binfo, rank_of_t, n_items = _bucket_tables(ranks, counts, cfg.grad_u.tiles["BLOCK_Q"],

@@ -27,7 +27,10 @@ Kernels (grid; what a program reads -> writes):
   its range's other blocks.
 - ``_xty_kernel`` ((transform, rank tile) items, width tiles): C_t = X[token(rows)]^T (g) H[rows]
   over t's blocks in order, into the flat gradient of all buckets: dU_t = dY^T (g h_pre),
-  dV_t^T = x^T (g dH). Empty transforms write their zero.
+  dV_t^T = x^T (g dH). Empty transforms write their zero. Under skewed routing a transform's rows
+  split into chunks (``_xty_plan_kernel``, one program, builds the work items on the device): a
+  split transform's chunk programs write fp32 partials that ``_xty_reduce_kernel`` (split
+  transforms, programs per transform) sums in chunk order, so the result stays deterministic.
 
 Precision: bf16/fp16 run on tensor cores with fp32 accumulation; fp32 uses ``ieee`` dots (tf32
 when opted into), fp64 runs in fp64. Weights in another float dtype than the activations (fp32

@@ -2,7 +2,8 @@
 configs from ``ops.configs``; ``kernels.py`` says what each kernel computes.
 
 A forward is routing (PyTorch ops, no host sync) + 2 launches; a backward 4 (shrink, dx expand,
-dU and dV X^T Y), whatever the number of rank buckets.
+dU and dV X^T Y), whatever the number of rank buckets, plus 3 (the split plan, and a chunk
+reduction after each X^T Y) when a transform can hold more than one X^T Y chunk.
 """
 
 from __future__ import annotations

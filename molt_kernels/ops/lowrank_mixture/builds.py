@@ -67,8 +67,9 @@ def _report_build(
         constexprs=constexprs,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        # X^T Y multiplies [BLOCK_P, BLOCK_K] x tiles; shrink and expand [BLOCK_M, *] row tiles.
-        dot_rows=launch.tiles.get("BLOCK_P", launch.tiles["BLOCK_M"]),
+        # X^T Y multiplies [BLOCK_P, BLOCK_K] x tiles; shrink and expand [BLOCK_M, *] row tiles;
+        # X^T Y's plan and chunk reduction have no dot (0).
+        dot_rows=launch.tiles.get("BLOCK_P", launch.tiles.get("BLOCK_M", 0)),
         dot_input="tf32" if kw.get("PRECISION") == "tf32" else _TYPE_NAMES[dtype],
     )
 

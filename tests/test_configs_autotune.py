@@ -12,7 +12,7 @@ PAPER = dict(ranks=(512, 256, 128, 64, 32), counts=(2, 4, 8, 16, 32))
 
 def _config(arch: str, n_tokens: int = 16384, dtype: torch.dtype = torch.bfloat16):
     return configs.mixture_config(n_tokens, 8, PAPER["ranks"], PAPER["counts"], 2304, 2304,
-                                  dtype, arch)
+                                  dtype, arch=arch)
 
 
 def test_configs_per_architecture() -> None:

@@ -314,8 +314,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _step(args: argparse.Namespace) -> int:
-    # The interpreter must be chosen before triton binds its language to a backend.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton binds its language to a backend when the package is imported, before this runs:
+        # the interpreter needs a fresh process.
+        if Path(sys.argv[0]).resolve() == Path(__file__).resolve().parents[1] / "__main__.py":
+            os.execve(sys.executable, [sys.executable, "-m", "molt_kernels", *sys.argv[1:]],
+                      {**os.environ, "TRITON_INTERPRET": "1"})
+        raise SystemExit("gpu-report --step runs the kernels under the Triton interpreter: "
+                         "set TRITON_INTERPRET=1 before importing molt_kernels")
     from .step_report import render_step, run_step
 
     for name in ("d", "n", "tokens"):

@@ -381,14 +381,18 @@ def mixture_config(
             launch = Launch(launch.tiles, WARPS, launch.num_stages)
         return launch
 
-    shrink_bwd = shrink(d_out)
+    shrink_bwd, expand_fwd = shrink(d_out), expand(d_out)
     if weight_dtype is not None and weight_dtype.itemsize > elem:
         # fp32 master weights under half x: the backward shrink casts each [BLOCK_K, BLOCK_R] tile
         # of U (rank-contiguous, a runtime stride: loaded element by element) in registers, and a
         # load pipeline keeps stages of it live: 2-3 stages spill 4-128 bytes on sm_80 and sm_90
         # at every BLOCK_M, one stage none (gpu-report).
         shrink_bwd = Launch(shrink_bwd.tiles, shrink_bwd.num_warps, 1)
-    return MixtureConfig(layout, shrink(d_in), expand(d_out), shrink_bwd, expand(d_in),
+        if m == MAX_BLOCK_M:
+            # The forward combine reads U the same way; at 128-row blocks (the atomic combine)
+            # 2-3 stages spill 16-24 bytes on sm_80, one stage none (gpu-report).
+            expand_fwd = Launch(expand_fwd.tiles, expand_fwd.num_warps, 1)
+    return MixtureConfig(layout, shrink(d_in), expand_fwd, shrink_bwd, expand(d_in),
                          xty(d_out), xty(d_in), max(1, XTY_CHUNK_ROWS // m),
                          XTY_PARTIAL_ELEMENTS // max(d_in, d_out, 1),
                          Launch({"BLOCK_T": XTY_PLAN_BLOCK_T}, WARPS, 1),

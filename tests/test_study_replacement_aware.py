@@ -41,7 +41,9 @@ TINY = replace(
     dropout=0.1,
     consistency=0.1,
 )
-VARIANTS = {"sampled": {"sample_replacement": True, "finetune_steps": 5, "consistency": 0.0}}
+VARIANTS = {
+    "sampled": {"sample_replacement": True, "finetune_steps": 5, "consistency": 0.0},
+}
 TEST_KEYS = {
     "ce_own", "ce_spliced_one", "ce_spliced_one_mean", "ce_spliced_all", "gap_one_mean",
     "gap_all", "molts",
@@ -91,7 +93,8 @@ def test_report_schema(report):
         assert len(curves["train_ce"]) == len(curves["step"]) == len(curves["mix"])
         for log in curves["molt"].values():
             assert len(log["fvu"]) == len(log["l0"]) == len(log["dead_fraction"]) > 0
-    (variant,) = report["finetune_variants"].values()
+    assert set(report["finetune_variants"]) == set(VARIANTS)
+    variant = report["finetune_variants"]["sampled"]
     assert variant["overrides"] == VARIANTS["sampled"]
     assert variant["arm"]["compute"]["lm_steps"] == 35
     assert set(variant["arm"]["test"]) == TEST_KEYS
@@ -112,7 +115,7 @@ def test_report_schema(report):
 
 def test_table_and_plot(report, tmp_path):
     table = study.summary_table(report)
-    assert len(table.splitlines()) == 2 + len(study.ARMS) + 1  # and the variant
+    assert len(table.splitlines()) == 2 + len(study.ARMS) + len(VARIANTS)
     assert "aware_finetune sampled" in table
     study.plot(report, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -165,3 +168,22 @@ def test_corpus_layout_and_tiled_windows_cover_each_token_once():
     targets = windows[:, 1:].flatten()
     assert targets.numel() == ((corpus.heldout.numel() - 1) // 8) * 8
     assert (targets == corpus.heldout[1 : 1 + targets.numel()]).all()
+
+
+
+def test_consistency_term_reaches_the_training_loss(monkeypatch):
+    """Every replacement-aware LM step adds the consistency term to its loss (the study's loop
+    once left it out, so a consistency variant repeated the plain fine-tune)."""
+    from molt_kernels.interp.replacement_aware import ReplacementAware
+
+    calls = []
+    term = ReplacementAware.consistency_loss
+
+    def spy(self):
+        calls.append(1)
+        return term(self)
+
+    monkeypatch.setattr(ReplacementAware, "consistency_loss", spy)
+    cfg = replace(TINY, steps=4, finetune_steps=2, log_every=2, eval_every=4)
+    study.run_study(cfg, False, 1, {})  # every arm in this process
+    assert len(calls) == cfg.steps + cfg.finetune_steps  # arm (b), then the fine-tune (c)

@@ -262,7 +262,9 @@ def train_lm(
             if aware is not None:
                 aware.begin_step(step)
             lm_loss = model.loss(tokens)
-            loss = lm_loss + aware.local_loss() if aware is not None else lm_loss
+            loss = lm_loss
+            if aware is not None:
+                loss = loss + aware.local_loss() + aware.consistency_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

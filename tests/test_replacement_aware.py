@@ -55,6 +55,17 @@ def setup():
     return model, molts, batch, trainer
 
 
+def plain_and_spliced():
+    """Seeded tiny GPT, its MOLTs and a batch, with the logits of the plain and of the fully
+    spliced model (the two ends a replacement schedule mixes between)."""
+    torch.manual_seed(0)
+    model, molts, batch = tiny_gpt(), tiny_molts(), tokens()
+    with torch.no_grad():
+        plain = model(batch[:, :-1])
+        with replaced(model, molts):
+            spliced = model(batch[:, :-1])
+    return model, molts, batch, plain, spliced
+
 def test_forward_value_is_the_spliced_models(setup):
     model, molts, batch, trainer = setup
     with trainer.installed():
@@ -188,12 +199,7 @@ def test_local_objective_is_the_weighted_mse_plus_the_sparsity_penalty(setup):
 
 
 def test_sampled_replacement_runs_the_molt_or_the_mlp_per_layer():
-    torch.manual_seed(0)
-    model, molts, batch = tiny_gpt(), tiny_molts(), tokens()
-    with torch.no_grad():
-        plain = model(batch[:, :-1])
-        with replaced(model, molts):
-            spliced = model(batch[:, :-1])
+    model, molts, batch, plain, spliced = plain_and_spliced()
     trainer = ReplacementAware(
         model, molts, PhaseIn(start=2, ramp_steps=4), TrainConfig(init_from_data=False),
         sample=True,
@@ -255,12 +261,7 @@ def test_schedule_mixes_the_values():
     with pytest.raises(ValueError, match="final"):
         PhaseIn(final=0.0)
 
-    torch.manual_seed(0)
-    model, molts, batch = tiny_gpt(), tiny_molts(), tokens()
-    with torch.no_grad():
-        plain = model(batch[:, :-1])
-        with replaced(model, molts):
-            spliced = model(batch[:, :-1])
+    model, molts, batch, plain, spliced = plain_and_spliced()
     trainer = ReplacementAware(
         model, molts, PhaseIn(start=1, ramp_steps=2), TrainConfig(init_from_data=False)
     )

@@ -35,7 +35,9 @@ ZERO_GATES = 0.1  # fraction of pairs with gate 0: dropped by the routing, zero 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     def empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # NaN, or for integer buffers a value no kernel writes by chance.
+        fill = float("nan") if dtype.is_floating_point else 0x5A5A5A5A
+        return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(triton_impl, "_empty", empty)
 
@@ -182,6 +184,83 @@ def test_atomic_combine_matches_reference(name: str, dtype: torch.dtype) -> None
         assert rel_err(got, want) < TOLERANCE[dtype], f"{name_}: {rel_err(got, want):.2e}"
 
 
+def _combine_outputs(inputs: dict, deterministic: bool = True) -> tuple[torch.Tensor, ...]:
+    """(y, dx) of launch.forward / backward, the two outputs a combine produces."""
+    leaves = {n: inputs[n].detach() for n in ("x", "gates", "b_dec")}
+    U, V = [u.detach() for u in inputs["U"]], [v.detach() for v in inputs["V"]]
+    y, table, h_pre = triton_impl.forward(leaves["x"], leaves["gates"], inputs["indices"], U, V,
+                                          leaves["b_dec"], deterministic=deterministic)
+    projection = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    dx, *_ = triton_impl.backward(projection, leaves["x"], leaves["gates"], table, U, V, h_pre,
+                                  (True, False, False, False), deterministic=deterministic)
+    return y, dx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fixed_combine_does_not_depend_on_the_order_of_its_adds(monkeypatch, dtype) -> None:
+    """The interpreter runs programs in grid order, so permuting the block order permutes the
+    order of every row's atomic adds: the fixed-point combine gives bitwise the same y and dx,
+    while the fp32 atomic combine (the control: this test can see an order dependence) does
+    not."""
+    torch.manual_seed(5)
+    inputs = make_inputs(Case({32: 6, 48: 3, 64: 2}, 33, 17, 300, 8, "uniform"), dtype)
+    assert configs.default_combine(dtype) == "fixed"
+    results = {}
+    route = triton_impl.route
+    for shuffled in (False, True):
+
+        def permuted(*args, shuffled=shuffled):
+            table = route(*args)
+            if not shuffled:
+                return table
+            perm = torch.randperm(table.block_order.numel(),
+                                  generator=torch.Generator().manual_seed(0))
+            return table._replace(block_order=table.block_order[perm])
+
+        monkeypatch.setattr(triton_impl, "route", permuted)
+        results[shuffled] = [_combine_outputs(inputs, det) for det in (True, False)]
+    (fixed, atomic), (fixed_shuffled, atomic_shuffled) = results[False], results[True]
+    assert all(torch.equal(a, b) for a, b in zip(fixed, fixed_shuffled, strict=True))
+    if dtype == torch.float32:
+        assert not all(torch.equal(a, b) for a, b in zip(atomic, atomic_shuffled, strict=True))
+
+
+def test_fixed_combine_keeps_each_rows_precision() -> None:
+    """Token rows 2^-60 to 2^60 apart: each row has its own scale, so each keeps fp32 precision
+    against the float64 reference (a shared scale would zero the small rows)."""
+    torch.manual_seed(6)
+    inputs = make_inputs(CASES["uniform"], torch.float32)
+    scale = torch.pow(2.0, torch.linspace(-60, 60, inputs["x"].shape[0]).round())[:, None]
+    inputs["x"] = (inputs["x"].detach() * scale).requires_grad_()
+    inputs["b_dec"] = torch.zeros_like(inputs["b_dec"])  # a bias would hide the small rows
+    y, _ = _combine_outputs(inputs)
+    ref = run(inputs, "reference", cast=lambda t: t.double())[0]
+    routed = ref.norm(dim=1) > 0  # rows with a live pair
+    assert routed.sum() > 250
+    per_row = (y.double() - ref).norm(dim=1)[routed] / ref.norm(dim=1)[routed]
+    assert (per_row < 1e-5).all(), per_row.max()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on NaN
+def test_fixed_combine_contains_non_finite_values_to_their_rows() -> None:
+    """A NaN in x and an Inf in one transform's U: the rows whose live pairs meet them are NaN
+    (a non-finite bound has no scale), every other row is finite and matches the reference."""
+    torch.manual_seed(7)
+    inputs = make_inputs(CASES["uniform"], torch.float32)
+    x, U0 = inputs["x"].detach().clone(), inputs["U"][0].detach().clone()
+    x[5, 0], U0[1, 2, 0] = float("nan"), float("inf")
+    inputs["x"], inputs["U"][0] = x, U0
+    y, _ = _combine_outputs(inputs)
+    live = (inputs["indices"] == 1) & (inputs["gates"] != 0)
+    bad = live.any(1)
+    bad[5] = True
+    assert bad.sum() > 1
+    assert y[bad].isnan().all() and y[~bad].isfinite().all()
+    ref = run(inputs, "reference", cast=lambda t: t.double())[0]
+    assert not ref[bad].isfinite().all(1).any()
+    assert rel_err(y[~bad], ref[~bad]) < TOLERANCE[torch.float32]
+
+
 @pytest.fixture
 def split_plans(monkeypatch):
     """dU / dV chunks of 32 rows (16 rows per block here), so the skewed cases split their hot
@@ -276,6 +355,31 @@ def test_module_on_triton_backend() -> None:
         outs[backend] = [y, xx.grad] + [p.grad for p in model.parameters()]
     for a, r in zip(outs["triton"], outs["reference"], strict=True):
         assert rel_err(a, r) < TOLERANCE[torch.float64]
+
+
+def test_atomic_combine_is_an_opt_in_of_the_module_and_the_op() -> None:
+    """``MOLT(deterministic=False)`` reaches the op's atomic combine: its output and gradients
+    match the deterministic default's; the op's fake shapes hold for both layouts (fp64: the
+    "ranges" combine by default, "atomic" opted in); a non-bool is refused."""
+    cfg = MOLTConfig(d_in=24, d_out=20, rank_counts={48: 2, 32: 4}, k=3)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    outs = {}
+    for deterministic in (True, False):
+        torch.manual_seed(0)
+        model = MOLT(cfg, backend="triton", dtype=torch.float64, deterministic=deterministic)
+        xx = x.clone().requires_grad_()
+        y = model(xx)
+        y.square().sum().backward()
+        outs[deterministic] = [y, xx.grad] + [p.grad for p in model.parameters()]
+    for a, r in zip(outs[False], outs[True], strict=True):
+        assert rel_err(a, r) < TOLERANCE[torch.float64]
+    inputs = make_inputs(CASES["tokens7"], torch.float64)
+    args = tuple(inputs[n] for n in ("x", "gates", "indices", "U", "V", "b_dec"))
+    torch.library.opcheck(lowrank_mixture_triton, args, {"deterministic": False})
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        MOLT(cfg, deterministic=1)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        MF.lowrank_mixture(*args, deterministic="no")
 
 
 # -- configs and GPU builds ---------------------------------------------------------------------

@@ -40,11 +40,11 @@ def test_written_object_is_written_back_once_per_residency() -> None:
 
 
 def _small_routing(
-    windowed: bool, deterministic: bool = True, n_tokens: int = 2048, ranks=(32, 64), counts=(24, 8)
+    windowed: bool, combine: str = "ranges", n_tokens: int = 2048, ranks=(32, 64), counts=(24, 8)
 ):
     ranks, counts, k, d = list(ranks), list(counts), 4, 256
     cfg = configs.mixture_config(
-        n_tokens, k, ranks, counts, d, d, torch.bfloat16, deterministic=deterministic
+        n_tokens, k, ranks, counts, d, d, torch.bfloat16, combine=combine
     )
     gen = torch.Generator().manual_seed(0)
     indices = torch.rand(n_tokens, sum(counts), generator=gen).topk(k, dim=1).indices

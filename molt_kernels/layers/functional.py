@@ -48,6 +48,11 @@ def _resolve_allow_tf32(allow_tf32: bool | None) -> bool:
     return allow_tf32
 
 
+def _check_deterministic(deterministic: bool) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+
+
 def _kernel_weights(weights: Sequence[Tensor], x_dtype: torch.dtype) -> list[Tensor]:
     """The buckets' weights as the triton decode reads them: as they are when they share a dtype
     the kernels read (x's, or fp32 under half x), else copied to x's dtype (one kernel argument
@@ -177,15 +182,20 @@ def lowrank_mixture(
     b_dec: Tensor | None,
     backend: str | None = None,
     allow_tf32: bool | None = None,
+    deterministic: bool = True,
 ) -> Tensor:
     """y [..., d_out] = sum over (t in indices, gate != 0) gate * U_t (V_t x) + b_dec.
 
     x [..., d_in]; gates [..., k] float; indices [..., k] int64, distinct per token;
     U[b] [n_b, d_out, r_b]; V[b] [n_b, r_b, d_in]; b_dec [d_out] or None (no bias). Returns
     x's dtype. ``allow_tf32``: fp32 dots of the triton backend in TF32 (None: torch's switch).
+    ``deterministic=False``: the triton backend sums y and dx with fp32 atomics (faster by the
+    cost model; the rounding varies from run to run). Every backend is bitwise deterministic
+    by default.
     """
     _check_decode_args(x, gates, indices, U, V, b_dec)
     allow_tf32 = _resolve_allow_tf32(allow_tf32)
+    _check_deterministic(deterministic)
     backend = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -207,7 +217,7 @@ def lowrank_mixture(
     # No bias: the ops add zeros (exact), so they keep one signature.
     if bias is None:
         bias = x2.new_zeros(Us[0].shape[1])
-    y = lowrank_mixture_backend(backend, allow_tf32)(x2, g2, i2, Us, Vs, bias)
+    y = lowrank_mixture_backend(backend, allow_tf32, deterministic)(x2, g2, i2, Us, Vs, bias)
     return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
@@ -225,11 +235,12 @@ def molt(
     backend: str | None = None,
     norm_scale: Tensor | None = None,
     allow_tf32: bool | None = None,
+    deterministic: bool = True,
 ) -> Tensor:
     """The whole MOLT layer: gate_topk then lowrank_mixture. x [..., d_in] -> y [..., d_out].
 
     ``allow_tf32``: fp32 dots of the triton backend in TF32, gate and decode (None: torch's
-    switch, see the module docstring)."""
+    switch, see the module docstring); ``deterministic``: see :func:`lowrank_mixture`."""
     n_gate = _check_gate_args(
         x, W_gate, b_gate, k, activation, log_threshold, bandwidth, norm_scale
     )
@@ -244,4 +255,4 @@ def molt(
         x, W_gate, b_gate, k, activation, log_threshold, bandwidth, backend, norm_scale,
         allow_tf32,
     )
-    return lowrank_mixture(x, gates, indices, U, V, b_dec, backend, allow_tf32)
+    return lowrank_mixture(x, gates, indices, U, V, b_dec, backend, allow_tf32, deterministic)

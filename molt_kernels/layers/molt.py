@@ -28,6 +28,8 @@ class MOLT(PretrainedLayer, nn.Module):
     ``input_std`` [d_in], ``output_mean``, ``output_std`` [d_out] wrap the layer; with
     ``cfg.scale_gate_by_norm`` the gate ranks n_t * pre_t (see :class:`MOLTConfig`).
     ``backend`` (or ``$MOLT_KERNELS_BACKEND``) picks the implementation; see ``backend.py``.
+    ``deterministic=False`` (an attribute, like ``backend``; not saved) opts the triton decode
+    into its fp32 atomic combine: faster by the cost model, rounding varies from run to run.
     Stored with ``save_pretrained`` / ``from_pretrained`` (``cfg.json`` + ``model.safetensors``).
     """
 
@@ -40,13 +42,18 @@ class MOLT(PretrainedLayer, nn.Module):
         backend: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        deterministic: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(cfg, MOLTConfig):
             raise TypeError(f"cfg must be a MOLTConfig, got {type(cfg).__name__}")
         check_backend_name(backend)
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
         self.cfg = cfg
         self.backend = backend
+        self.deterministic = deterministic
         f = dict(device=device, dtype=dtype)
         t = cfg.n_transforms
         self.W_gate = nn.Parameter(torch.empty(t, cfg.d_in, **f))
@@ -136,7 +143,8 @@ class MOLT(PretrainedLayer, nn.Module):
         """y [..., d_out] from x [..., d_in] and the (gates, indices) of :meth:`encode`."""
         xs = self.standardize_input(x)
         y = MF.lowrank_mixture(
-            xs, gates, indices, list(self.U), list(self.V), self.b_dec, self.backend
+            xs, gates, indices, list(self.U), list(self.V), self.b_dec, self.backend,
+            deterministic=self.deterministic,
         )
         return self.destandardize_output(y)
 
@@ -144,7 +152,7 @@ class MOLT(PretrainedLayer, nn.Module):
         """x [..., d_in] -> y [..., d_out], in x's dtype."""
         xs = self.standardize_input(x)
         weights = (self.W_gate, self.b_gate, list(self.U), list(self.V), self.b_dec)
-        y = MF.molt(xs, *weights, **self._gate_args())
+        y = MF.molt(xs, *weights, **self._gate_args(), deterministic=self.deterministic)
         return self.destandardize_output(y)
 
     def gate_norm_scale(self) -> Tensor:

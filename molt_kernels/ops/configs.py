@@ -162,11 +162,11 @@ DEEP_TILE = {"half": 64, "full": 16}
 # A block holds up to the expected rows of a segment (transform x token range): padding stays
 # under about half the rows, while every block re-reads its transform's weights (from L2), so
 # longer blocks win on these L2-bound kernels (``tools/schedule_sim.py``: at d=2304, k=32 the
-# shrink's L2 bytes are mostly weights at BLOCK_M=32). The deterministic combine stops at
-# DETERMINISTIC_BLOCK_M: 128-row blocks take half-width tiles (see ``expand``), which would
+# shrink's L2 bytes are mostly weights at BLOCK_M=32). The "ranges" combine stops at
+# RANGES_BLOCK_M: 128-row blocks take half-width tiles (see ``expand``), which would
 # double its programs past one wave.
-MAX_BLOCK_M, DETERMINISTIC_BLOCK_M = 128, 64
-# Token ranges of the deterministic combine: at most one wave of (range, width tile) programs on
+MAX_BLOCK_M, RANGES_BLOCK_M = 128, 64
+# Token ranges of the "ranges" combine: at most one wave of (range, width tile) programs on
 # the GPU (PROGRAMS_PER_SM per SM; a 2nd, partial wave would double the kernel's time), each range
 # at least RANGE_MIN_TOKENS tokens so its segments keep rows to fill a block. Plans made off the
 # GPU (interpreter, gpu-report, cost model) assume DEFAULT_SMS (H100 SXM) unless told.
@@ -187,6 +187,23 @@ MAX_MEAN_PAIRS_PER_TOKEN = 128
 DENSE_GATE_EXPECTED_L0 = 32
 # Weight tensors one launch reads (one kernel argument each).
 MAX_BUCKETS = 8
+# The combine (a token's output = the sum of its pairs' (g) H @ W_t rows) comes in three kinds:
+# - "fixed" (default below fp64): a program per (block, width tile) adds its rows as int32
+#   fixed-point numbers with integer atomics. Integer addition is associative, so the result is
+#   bitwise the same whatever order the adds land in. Each token row has its own power-of-2 scale
+#   from a bound on the row's sum (pair norms x weight norms, kernels._fixed_scale), so the sum
+#   never overflows and keeps FIXED_POINT_BITS bits against that bound.
+# - "ranges" (fp64, where 31 bits are fewer than its 53): a program owns a token range's rows of a
+#   width tile and read-modify-writes them, block by block, in table order.
+# - "atomic" (opt-in, nondeterministic): as "fixed", with fp32 atomics; the order of the adds,
+#   hence the rounding, varies between runs.
+COMBINES = ("fixed", "ranges", "atomic")
+FIXED_POINT_BITS = 30
+# Tiles of the fixed combine's helper passes: the weight norms (a program per transform: width x
+# rank tiles), the row exponents (token rows) and the cast out (token rows x width tiles).
+NORM_BLOCK_N, NORM_BLOCK_K = 64, 32
+SCALES_BLOCK_T = 1024
+ROWS_BLOCK_T, ROWS_BLOCK_N = 32, 128
 WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
 
 
@@ -210,6 +227,19 @@ ARCH_TILES = {
 }
 ARCH_TILES["cpu"] = ARCH_TILES["sm_80"]
 GPU_ARCHS = ("sm_80", "sm_90")
+
+
+def default_combine(dtype: torch.dtype, deterministic: bool = True) -> str:
+    """The combine for inputs of ``dtype`` (see COMBINES): "atomic" when determinism is waived,
+    "ranges" for fp64, "fixed" otherwise."""
+    if not deterministic:
+        return "atomic"
+    return "ranges" if dtype == torch.float64 else "fixed"
+
+
+def _check_combine(combine: str) -> None:
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
 
 
 def arch_of(device: torch.device) -> str:
@@ -251,7 +281,8 @@ class MixtureLayout:
     n_blocks: block-table length, pair_capacity // BLOCK_M + min(segments, pair_capacity);
     window_ranges: token ranges per L2 window (``L2_BUDGET_BYTES``);
     h_size: elements of h_pre (and g dH): min(n_blocks * BLOCK_M * r_max,
-    pair_capacity * r_max + (BLOCK_M - 1) * n_ranges * sum of all ranks).
+    pair_capacity * r_max + (BLOCK_M - 1) * n_ranges * sum of all ranks);
+    combine: one of COMBINES (the "ranges" combine owns token ranges, the others do not).
     """
 
     block_m: int
@@ -261,6 +292,7 @@ class MixtureLayout:
     n_blocks: int
     h_size: int
     window_ranges: int
+    combine: str
 
     @property
     def n_rows(self) -> int:
@@ -282,6 +314,9 @@ class MixtureConfig:
     xty_partial_rows: int  # rank rows of chunk partials at most (XTY_PARTIAL_ELEMENTS / width)
     xty_plan: Launch
     xty_reduce: Launch
+    weight_norms: Launch  # the fixed combine: weight norms per transform,
+    fixed_scales: Launch  # its row exponents,
+    fixed_finish: Launch  # its cast out
 
 
 def _pow2_tile(size: int, cap: int) -> int:
@@ -299,21 +334,25 @@ def _launch(
 
 def mixture_layout(
     n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_out: int,
-    dtype: torch.dtype, d_in: int | None = None, deterministic: bool = True,
+    dtype: torch.dtype, d_in: int | None = None, combine: str | None = None,
     sms: int = DEFAULT_SMS,
 ) -> MixtureLayout:
-    """Block size, token ranges, L2 windows and buffer bounds from shapes only.
+    """Block size, token ranges, L2 windows and buffer bounds from shapes only; ``combine`` None
+    is ``default_combine(dtype)``.
 
-    Deterministic combine: as many token ranges as one wave of its programs allows on ``sms``
-    SMs, grouped into L2 windows. Atomic combine (no range ownership): each range is one L2
+    "ranges" combine: as many token ranges as one wave of its programs allows on ``sms`` SMs,
+    grouped into L2 windows. "fixed" and "atomic" (no range ownership): each range is one L2
     window, as few as the budget allows, so segments (and blocks) stay long.
     """
+    combine = combine or default_combine(dtype)
+    _check_combine(combine)
+    owned = combine == "ranges"
     n_transforms = sum(counts)
     kind = "half" if dtype in HALF else "full"
     pair_capacity = n_tokens * min(n_slots, n_transforms, MAX_MEAN_PAIRS_PER_TOKEN)
     # A window's gathered activation rows (d_in wide forward, d_out backward; x's dtype).
     row_bytes = max(d_in or d_out, d_out) * dtype.itemsize
-    if deterministic:
+    if owned:
         width_tiles = max(1, -(-d_out // _pow2_tile(d_out, WIDE_TILE[kind])))
         ranges = PROGRAMS_PER_SM * sms // width_tiles
     else:
@@ -325,7 +364,7 @@ def mixture_layout(
                                  if n_slots >= n_transforms else min(n_slots, n_transforms))
     rows_per_segment = expected_pairs / max(segments, 1)
     m = 1 << max(0, int(math.floor(math.log2(max(rows_per_segment, 1.0)))))
-    m = min(DETERMINISTIC_BLOCK_M if deterministic else MAX_BLOCK_M, max(MIN_TILE, m))
+    m = min(RANGES_BLOCK_M if owned else MAX_BLOCK_M, max(MIN_TILE, m))
     n_blocks = pair_capacity // m + min(segments, pair_capacity)
     r_max = max(ranks)
     rank_sum = sum(r * c for r, c in zip(ranks, counts))
@@ -338,21 +377,21 @@ def mixture_layout(
     if reread_rows <= rank_sum * row_bytes * (windows - 1):
         window_ranges = n_ranges
     return MixtureLayout(m, n_ranges, range_tokens, pair_capacity, n_blocks, h_size,
-                         window_ranges)
+                         window_ranges, combine)
 
 
 def mixture_config(
     n_tokens: int, n_slots: int, ranks: Sequence[int], counts: Sequence[int], d_in: int,
     d_out: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
-    deterministic: bool = True, sms: int = DEFAULT_SMS, arch: str = "cpu",
+    combine: str | None = None, sms: int = DEFAULT_SMS, arch: str = "cpu",
 ) -> MixtureConfig:
     """Every launch parameter of the decode, from shapes, the input dtype, the weights' dtype
-    (None: the input's), the combine (deterministic or atomic), the GPU's SM count and the config
-    family (``arch_of``; the layout is the same on every architecture)."""
+    (None: the input's), the combine (one of COMBINES; None: ``default_combine(dtype)``), the
+    GPU's SM count and the config family (``arch_of``; the layout is the same on every
+    architecture)."""
     kind = "half" if dtype in HALF else "full"
     rules = ARCH_TILES[arch]
-    layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype, d_in, deterministic,
-                            sms)
+    layout = mixture_layout(n_tokens, n_slots, ranks, counts, d_out, dtype, d_in, combine, sms)
     m = layout.block_m
     wide, deep = WIDE_TILE[kind], DEEP_TILE[kind]
     elem, acc = dtype.itemsize, accumulator_dtype(dtype).itemsize
@@ -396,7 +435,10 @@ def mixture_config(
                          xty(d_out), xty(d_in), max(1, XTY_CHUNK_ROWS // m),
                          XTY_PARTIAL_ELEMENTS // max(d_in, d_out, 1),
                          Launch({"BLOCK_T": XTY_PLAN_BLOCK_T}, WARPS, 1),
-                         Launch({"BLOCK_E": XTY_REDUCE_BLOCK_E}, WARPS, 1))
+                         Launch({"BLOCK_E": XTY_REDUCE_BLOCK_E}, WARPS, 1),
+                         Launch({"BLOCK_N": NORM_BLOCK_N, "BLOCK_K": NORM_BLOCK_K}, WARPS, 1),
+                         Launch({"BLOCK_T": SCALES_BLOCK_T}, WARPS, 1),
+                         Launch({"BLOCK_T": ROWS_BLOCK_T, "BLOCK_N": ROWS_BLOCK_N}, WARPS, 1))
 
 
 def sm_count(device: torch.device) -> int:
@@ -408,17 +450,18 @@ def sm_count(device: torch.device) -> int:
 
 def plan(
     n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: torch.dtype,
-    deterministic: bool = True, arch: str | None = None,
+    combine: str | None = None, arch: str | None = None,
 ) -> MixtureConfig:
-    """The decode's MixtureConfig for these weights (shapes and device only) on ``arch``
-    (default: the weights' device, see ``arch_of``)."""
+    """The decode's MixtureConfig for these weights (shapes and device only) with ``combine``
+    (None: ``default_combine(dtype)``) on ``arch`` (default: the weights' device, see
+    ``arch_of``)."""
     if len(V) > MAX_BUCKETS:
         raise ValueError(f"the triton decode takes at most {MAX_BUCKETS} rank buckets, "
                          f"got {len(V)}")
     ranks = [v.shape[1] for v in V]
     counts = [v.shape[0] for v in V]
     return mixture_config(n_tokens, n_slots, ranks, counts, V[0].shape[2], U[0].shape[1], dtype,
-                          U[0].dtype, deterministic, sm_count(V[0].device),
+                          U[0].dtype, combine, sm_count(V[0].device),
                           arch or arch_of(V[0].device))
 
 

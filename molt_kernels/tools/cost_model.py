@@ -11,11 +11,11 @@ tile granularity, an LRU L2; its docstring states the assumptions), and
 with the schedule's imbalance (a partial last wave, a long program's tail). HBM bytes are given
 at two L2 sizes: ``L2_EFFECTIVE`` of the datasheet size (the time uses this, conservative) and the
 full size. The gate forward is one pass over x and W_gate; the gate backward's dense GEMM pair
-runs in fp32 on the CUDA cores (no tf32), its sparse path is bandwidth-bound gathers. Routing and
-elementwise glue are left out (tens of microseconds). L2 bandwidths are not on the datasheets:
-the figures below are sustained-read estimates (A100: 5120 B/clk at 1.41 GHz = 7.2 TB/s peak;
-H100 SXM: published microbenchmarks of 5.5-7 TB/s on the 114-SM PCIe part), so an L2-bound time
-is as uncertain as they are.
+runs on the tensor cores (bf16 operands, fp32 out), its sparse path is bandwidth-bound gathers.
+Routing and elementwise glue are left out (tens of microseconds). L2 bandwidths are not on the
+datasheets: the figures below are sustained-read estimates (A100: 5120 B/clk at 1.41 GHz =
+7.2 TB/s peak; H100 SXM: published microbenchmarks of 5.5-7 TB/s on the 114-SM PCIe part), so an
+L2-bound time is as uncertain as they are.
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def _routing(n_tokens: int, n_t: int, k: int | None, l0: float, routing: str, se
 
 def step_cost(
     d: int, n: int, k: int | None, n_tokens: int, l0: float = 32.0, gpu: str = "h100",
-    deterministic: bool = True, routing: str = "uniform", seed: int = 0,
+    combine: str = "fixed", routing: str = "uniform", seed: int = 0,
 ) -> dict:
     """Modeled forward+backward of MOLT(d, paper ranks for n, k) on n_tokens bf16 tokens; with
-    k=None the gates are dense [tokens, T] and ``l0`` pairs per token are active.
-    ``deterministic=False``: the opt-in atomic combine (its own layout)."""
+    k=None the gates are dense [tokens, T] and ``l0`` pairs per token are active. ``combine``:
+    one of ``configs.COMBINES`` (the default's, "fixed", for bf16)."""
     spec = GPUS[gpu]
     rank_counts = paper_rank_counts(n, scaled_max_rank(d))
     ranks, counts = list(rank_counts), list(rank_counts.values())
@@ -98,7 +98,7 @@ def step_cost(
     indices, gates = _routing(n_tokens, n_t, k, l0, routing, seed)
     slots = indices.shape[1]
     cfg = mixture_config(n_tokens, slots, ranks, counts, d, d, torch.bfloat16,
-                         deterministic=deterministic, sms=spec["sms"])
+                         combine=combine, sms=spec["sms"])
     lay = cfg.layout
     rank_of_t = torch.repeat_interleave(torch.tensor(ranks), torch.tensor(counts))
     r = sim.build_routing(indices, gates, rank_of_t, cfg, windowed=True)
@@ -108,7 +108,10 @@ def step_cost(
     useful = float(2 * rank_of_t[indices][gates != 0].sum() * d)
     cap = (sim.L2_EFFECTIVE * spec["l2"], spec["l2"])
     slots_gpu = PROGRAMS_PER_SM * spec["sms"]
-    atomic = not deterministic
+    # The fixed and atomic combines make the same accesses (4-byte atomics, the fill before and
+    # the cast after); the fixed one also reads the expanding weights once for their norms.
+    atomic = combine != "ranges"
+    weight_bytes = sum(c * r for r, c in zip(ranks, counts)) * d * e
     kernels = [
         _cost("gate forward", 2 * n_tokens * n_t * d,
               n_tokens * d * e + n_t * d * 4 + n_tokens * slots * 12, spec),
@@ -125,11 +128,21 @@ def step_cost(
         _simulated("X^T Y dV", grouped, sim.xty_traffic(
             r, d, cfg.grad_v.tiles, e, slots_gpu, cap), spec),
     ]
+    if combine == "fixed":
+        # Its zero fill and cast out are in the combine rows' bytes; the row exponents pass reads
+        # and writes [2, tokens] int32 (left out).
+        norms = _cost("fixed combine: weight norms (U, V)", 2 * 2 * weight_bytes / e,
+                      2 * weight_bytes, spec, rate="fp32")
+        norms.launches = 6  # per direction: the norms, the row exponents, the cast out
+        kernels.append(norms)
     active = pairs / n_tokens
     if k is None or n_t <= DENSE_GATE_BACKWARD_RATIO * k:
+        # bf16 operands on the tensor cores, fp32 out (gate_topk.launch._backward_scattered):
+        # dx and dW plus their NaN-containment twins (|dpre| @ non-finite mask), four GEMMs;
+        # dpre scattered to [N, T] fp32, cast to bf16, its magnitude.
         kernels.append(_cost(
-            "gate backward (dense GEMM pair, fp32)", 4 * n_tokens * n_t * d,
-            n_tokens * n_t * 4 * 3 + n_tokens * d * (e + 4) + n_t * d * 8, spec, rate="fp32"))
+            "gate backward (dense GEMM pair, tensor cores)", 4 * 2 * n_tokens * n_t * d,
+            n_tokens * n_t * (4 + 3 * e) * 2 + n_tokens * d * (e + 4) + n_t * d * 8, spec))
     else:
         kernels.append(_cost("gate backward (sparse gathers)", 4 * pairs * d,
                              pairs * d * e * 3 + n_t * d * 8, spec))
@@ -144,7 +157,9 @@ def step_cost(
         config=dict(
             d=d, N=n, k=k, l0=active, tokens=n_tokens, T=n_t, gpu=gpu, block_m=lay.block_m,
             token_ranges=lay.n_ranges, window_ranges=lay.window_ranges,
-            combine="deterministic" if deterministic else "atomic (opt-in, nondeterministic)",
+            combine={"fixed": "fixed-point (deterministic)",
+                     "ranges": "range-owned (deterministic)",
+                     "atomic": "fp32 atomic (opt-in, nondeterministic)"}[combine],
             routing=routing,
         ),
         kernels=[asdict(c) for c in kernels],

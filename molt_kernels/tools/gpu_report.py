@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..ops.configs import COMBINES
 from ..ops.registry import KernelBuild, collect_builds
 
 # Opt-in maximum of shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), which is
@@ -266,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--l0", type=float, default=32.0, help="active pairs per token for k=None")
     step.add_argument("--routing", choices=("uniform", "zipf"), default="uniform",
                       help="routing the --cost simulation routes (default uniform)")
-    step.add_argument("--atomic", action="store_true",
-                      help="--cost of the opt-in atomic (nondeterministic) combine")
+    step.add_argument("--combine", choices=COMBINES, default="fixed",
+                      help="--cost of this combine (default fixed, the bf16 default; atomic: the "
+                      "opt-in nondeterministic one)")
     args = parser.parse_args(argv)
     if args.step:
         return _step(args)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         from .cost_model import render_cost, step_cost
 
         cost = step_cost(args.d, args.n, args.k or None, args.tokens, args.l0, args.gpu,
-                         deterministic=not args.atomic, routing=args.routing)
+                         combine=args.combine, routing=args.routing)
         print(render_cost(cost))
         if args.json is not None:
             args.json.write_text(json.dumps(cost, indent=2))

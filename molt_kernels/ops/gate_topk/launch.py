@@ -15,7 +15,7 @@ from ..configs import (
     fwd_config,
     split_count,
 )
-from ..dtypes import accumulator_dtype, dot_precision, kernel_weight_dtype
+from ..dtypes import HALF, accumulator_dtype, dot_precision, kernel_weight_dtype
 from ..routing import route_pairs
 from ..runtime import triton_interpreting
 from .activation import jumprelu_threshold_grad
@@ -177,28 +177,43 @@ def _backward_scattered(
     n_t = W.shape[0]
     dense = torch.zeros(n, n_t, dtype=dpre.dtype, device=x.device)
     dense.scatter_(1, indices, dpre.view(n, k))
+    operands = _gemm_operand_dtype(x)
+    dense_in = dense.to(operands)  # no copy unless the GEMMs take half operands
+    magnitude = dense_in.abs()  # shared by both products' NaN containment
     dx = dlog = None
-    magnitude = dense.abs()  # shared by both products' NaN containment
     if need_dx:
-        # W as stored, as in _gate_bwd_dx_kernel (no copy of fp32 master weights).
-        dx = _live_matmul(dense, magnitude, W.to(dense.dtype)).to(x.dtype)
+        # W as stored, as in _gate_bwd_dx_kernel (fp32 master weights are not copied in fp32).
+        dx = _live_matmul(dense_in, magnitude, W, dense.dtype).to(x.dtype)
     if not need_params:
         return dx, None, None, None
     if threshold_grad:
         dlog = torch.zeros(n, n_t, dtype=dpre.dtype, device=x.device)
         dlog = dlog.scatter_(1, indices, dthr.view(n, k)).sum(0)
-    dW = _live_matmul(dense.T, magnitude.T, x.to(dense.dtype))
+    dW = _live_matmul(dense_in.T, magnitude.T, x, dense.dtype)
     return dx, dW, dense.sum(0), dlog
 
 
-def _live_matmul(a: Tensor, a_abs: Tensor, b: Tensor) -> Tensor:
-    """a @ b where a zero of ``a`` never meets a non-finite value of ``b`` (0 * NaN := 0), as in
-    the sparse kernels, which read a token's x only for its live pairs; a live pair that meets one
-    gives NaN. ``a_abs`` is ``a.abs()``. Sync-free (no data-dependent shapes), so the step stays
-    capturable."""
+def _gemm_operand_dtype(x: Tensor) -> torch.dtype:
+    """Operand dtype of the gate backward's dense GEMM pair: x's own for half x on CUDA (tensor
+    cores, fp32 accumulation and output: ``torch.mm(out_dtype=)``), else the accumulator's
+    (the CPU computes half in fp32; fp32 and fp64 stay as they are)."""
+    if x.dtype in HALF and x.device.type == "cuda":
+        return x.dtype
+    return accumulator_dtype(x.dtype)
+
+
+def _live_matmul(a: Tensor, a_abs: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a @ b in ``out_dtype`` with b cast to a's dtype, where a zero of ``a`` never meets a
+    non-finite value of ``b`` (0 * NaN := 0), as in the sparse kernels, which read a token's x
+    only for its live pairs; a live pair that meets one gives NaN. ``a_abs`` is ``a.abs()``.
+    Sync-free (no data-dependent shapes), so the step stays capturable."""
     finite = b.isfinite()
-    out = a @ torch.where(finite, b, 0)
-    hits = a_abs @ torch.where(finite, 0.0, 1.0).to(a.dtype)
+    live, bad = torch.where(finite, b, 0).to(a.dtype), torch.where(finite, 0.0, 1.0).to(a.dtype)
+    if a.dtype == out_dtype:
+        out, hits = a @ live, a_abs @ bad
+    else:
+        out = torch.mm(a, live, out_dtype=out_dtype)
+        hits = torch.mm(a_abs, bad, out_dtype=out_dtype)
     return torch.where(hits > 0, float("nan"), out)
 
 

@@ -24,13 +24,17 @@ LowrankMixture = Callable[
 ]
 
 
-def lowrank_mixture_backend(backend: str, allow_tf32: bool = False) -> LowrankMixture:
+def lowrank_mixture_backend(
+    backend: str, allow_tf32: bool = False, deterministic: bool = True
+) -> LowrankMixture:
     """The decode of a resolved backend name; ``allow_tf32`` lets the triton decode's fp32 dots
-    use TF32 (the other backends' matmuls follow torch's own switch)."""
+    use TF32 (the other backends' matmuls follow torch's own switch); ``deterministic=False``
+    opts the triton decode into its fp32 atomic combine (the others are deterministic)."""
     if backend == "reference":
         return lowrank_mixture_reference
     if backend in ("torch", "triton"):
-        return functools.partial(sparse_lowrank_mixture, backend, allow_tf32=allow_tf32)
+        return functools.partial(sparse_lowrank_mixture, backend, allow_tf32=allow_tf32,
+                                 deterministic=deterministic)
     raise ValueError(f"unknown backend {backend!r}")
 
 

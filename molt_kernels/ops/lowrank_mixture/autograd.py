@@ -23,7 +23,7 @@ from torch import dtype as DType
 from torch.autograd import Function
 
 from ..batching import fold_into_tokens, loop_over_batch, unbatched
-from ..configs import MixtureLayout, plan
+from ..configs import MixtureLayout, default_combine, plan
 from ..first_order import double_backward_error, first_order_only
 from ..routing import Routing, route_pairs
 from . import cpu
@@ -151,15 +151,18 @@ class _SparseLowRankMixture(Function):
 
 
 def _triton_layout(
-    n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: DType
+    n_tokens: int, n_slots: int, U: Sequence[Tensor], V: Sequence[Tensor], dtype: DType,
+    deterministic: bool = True,
 ) -> MixtureLayout:
     """Sizes of the triton backend's block table and h_pre, from shapes only."""
-    return plan(n_tokens, n_slots, U, V, dtype).layout
+    return plan(n_tokens, n_slots, U, V, dtype, default_combine(dtype, deterministic)).layout
 
 
-def _table_shapes(n_tokens: int, n_slots: int, U, V, dtype: DType) -> tuple[tuple[int, ...], ...]:
+def _table_shapes(
+    n_tokens: int, n_slots: int, U, V, dtype: DType, deterministic: bool
+) -> tuple[tuple[int, ...], ...]:
     """Shapes of the BlockTable fields, in order, and of h_pre last."""
-    lay = _triton_layout(n_tokens, n_slots, U, V, dtype)
+    lay = _triton_layout(n_tokens, n_slots, U, V, dtype, deterministic)
     n_t = sum(v.shape[0] for v in V)
     return ((lay.n_rows,), (lay.n_blocks,), (lay.n_blocks + 1,), (n_t + 1,), (lay.n_blocks,),
             (lay.n_ranges + 1,), (lay.n_blocks,), (1,), (lay.h_size,))
@@ -175,6 +178,7 @@ def lowrank_mixture_triton(
     b_dec: Tensor,
     *,
     allow_tf32: bool = False,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The triton decode: (y [N, d_out], h_pre [h_size], the block table's tensors).
 
@@ -184,18 +188,20 @@ def lowrank_mixture_triton(
     back in each input's dtype, accumulated in fp32 (fp64 for fp64). ``allow_tf32``: fp32 dots in
     TF32, forward and backward. The block table is ``launch.BlockTable`` (int64); h_pre holds the
     ungated rank-space activations of every routed row, zero elsewhere. Every output is fully
-    written. Deterministic (no atomics).
+    written. Bitwise deterministic unless ``deterministic=False`` opts y and dx into the fp32
+    atomic combine (``configs.COMBINES``: run-to-run rounding differences).
     """
     from . import launch as impl  # Triton is imported only when the triton backend runs
 
-    y, table, h_pre = impl.forward(x, gates, indices, U, V, b_dec, allow_tf32)
+    y, table, h_pre = impl.forward(x, gates, indices, U, V, b_dec, allow_tf32,
+                                   deterministic=deterministic)
     return y, h_pre, list(table)
 
 
 @lowrank_mixture_triton.register_fake
-def _(x, gates, indices, U, V, b_dec, *, allow_tf32=False):
+def _(x, gates, indices, U, V, b_dec, *, allow_tf32=False, deterministic=True):
     n_tokens, n_slots = indices.shape
-    *table, h_shape = _table_shapes(n_tokens, n_slots, U, V, x.dtype)
+    *table, h_shape = _table_shapes(n_tokens, n_slots, U, V, x.dtype, deterministic)
     return (
         x.new_empty(n_tokens, U[0].shape[1]),
         x.new_empty(h_shape),
@@ -217,6 +223,7 @@ def lowrank_mixture_triton_backward(
     need_U: bool,
     need_V: bool,
     allow_tf32: bool,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx [N, d_in], dgates [N, S], dU, dV) of the triton decode, dU and dV flat over the
     buckets; gradients not asked for come back empty (an op returns tensors, never None)."""
@@ -224,12 +231,13 @@ def lowrank_mixture_triton_backward(
 
     needs = (need_x, need_gates, need_U, need_V)
     grads = impl.backward(grad_y, x, gates, impl.BlockTable(*table), U, V, h_pre, needs,
-                          allow_tf32)
+                          allow_tf32, deterministic=deterministic)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @lowrank_mixture_triton_backward.register_fake
-def _(grad_y, x, gates, table, U, V, h_pre, need_x, need_gates, need_U, need_V, allow_tf32):
+def _(grad_y, x, gates, table, U, V, h_pre, need_x, need_gates, need_U, need_V, allow_tf32,
+      deterministic):
     return (
         empty_like(x) if need_x else x.new_empty(0),
         empty_like(gates) if need_gates else gates.new_empty(0),
@@ -245,6 +253,7 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no zero gradients built for h_pre and the table
     ctx.n_buckets, ctx.n_table = len(U), len(table)
     ctx.allow_tf32, ctx.bias_dtype = keyword_only_inputs["allow_tf32"], b_dec.dtype
+    ctx.deterministic = keyword_only_inputs["deterministic"]
     ctx.needs = _Needs(
         x.requires_grad,
         gates.requires_grad,
@@ -268,7 +277,7 @@ def _triton_backward(ctx, grad_y, *_aux_grads):
     U, V = rest[:nb], rest[nb:]
 
     def backward(gy: Tensor, flags: tuple[bool, bool, bool, bool]):
-        state = (h_pre, table, ctx.allow_tf32)
+        state = (h_pre, table, ctx.allow_tf32, ctx.deterministic)
         return _triton_backward_grads(state, gy, x, gates, U, V, flags)
 
     dx, dgates, db, dU, dV = _gradients(
@@ -283,17 +292,18 @@ lowrank_mixture_triton.register_autograd(_triton_backward, setup_context=_setup_
 # --- eager mode: one Function over both sparse backends, with torch.func support -------------
 
 
-def _triton_forward(x, gates, indices, U, V, b_dec, allow_tf32):
+def _triton_forward(x, gates, indices, U, V, b_dec, allow_tf32, deterministic):
     y, h_pre, table = lowrank_mixture_triton(
-        x, gates, indices, list(U), list(V), b_dec, allow_tf32=allow_tf32
+        x, gates, indices, list(U), list(V), b_dec, allow_tf32=allow_tf32,
+        deterministic=deterministic,
     )
-    return y, (h_pre, table, allow_tf32)
+    return y, (h_pre, table, allow_tf32, deterministic)
 
 
 def _triton_backward_grads(state, grad_y, x, gates, U, V, flags):
-    h_pre, table, allow_tf32 = state
+    h_pre, table, allow_tf32, deterministic = state
     dx, dg, dU, dV = lowrank_mixture_triton_backward(
-        grad_y, x, gates, table, U, V, h_pre, *flags, allow_tf32
+        grad_y, x, gates, table, U, V, h_pre, *flags, allow_tf32, deterministic
     )
     return (
         dx if flags[0] else None,
@@ -303,8 +313,8 @@ def _triton_backward_grads(state, grad_y, x, gates, U, V, flags):
     )
 
 
-def _torch_forward_state(x, gates, indices, U, V, b_dec, allow_tf32):
-    # The torch backend's matmuls follow torch's own TF32 switch.
+def _torch_forward_state(x, gates, indices, U, V, b_dec, allow_tf32, deterministic):
+    # The torch backend's matmuls follow torch's own TF32 switch; it is always deterministic.
     y, _, routing, state = _torch_forward(x, gates, indices, U, V, b_dec)
     return y, (routing, state)
 
@@ -313,7 +323,7 @@ def _torch_backward_grads(state, grad_y, x, gates, U, V, flags):
     return _torch_backward(*state, grad_y, x, gates, U, V, flags)
 
 
-# backend -> (forward(x, gates, indices, U, V, b_dec, allow_tf32) -> (y, state),
+# backend -> (forward(x, gates, indices, U, V, b_dec, allow_tf32, deterministic) -> (y, state),
 #             backward(state, grad_y, x, gates, U, V, flags) -> (dx, dgates, dU, dV))
 _PRIMITIVES = {
     "torch": (_torch_forward_state, _torch_backward_grads),
@@ -347,10 +357,11 @@ class _SparseMixture(Function):
 
     @staticmethod
     def forward(spec, stash, x, gates, indices, b_dec, n_buckets, *weights):
-        """``spec``: (backend, allow_tf32)."""
-        backend, allow_tf32 = spec
+        """``spec``: (backend, allow_tf32, deterministic)."""
+        backend, allow_tf32, deterministic = spec
         U, V = weights[:n_buckets], weights[n_buckets:]
-        y, stash.state = _PRIMITIVES[backend][0](x, gates, indices, U, V, b_dec, allow_tf32)
+        y, stash.state = _PRIMITIVES[backend][0](x, gates, indices, U, V, b_dec, allow_tf32,
+                                                 deterministic)
         return y
 
     @staticmethod
@@ -462,9 +473,12 @@ def sparse_lowrank_mixture(
     V: Sequence[Tensor],
     b_dec: Tensor,
     allow_tf32: bool = False,
+    deterministic: bool = True,
 ) -> Tensor:
     """The decode of the ``torch`` or ``triton`` backend, differentiable. ``allow_tf32``: the
     triton decode's fp32 dots in TF32 (the torch backend follows torch's own switch).
+    ``deterministic=False``: the triton decode's opt-in fp32 atomic combine (run-to-run rounding
+    differences; the torch backend is deterministic either way).
 
     Eager: ``_SparseMixture`` (autograd, torch.func jacrev / jvp / vmap). Under torch.compile,
     which traces no custom jvp or vmap: ``_SparseLowRankMixture`` (torch) or the torch.library op
@@ -473,8 +487,9 @@ def sparse_lowrank_mixture(
     if torch.compiler.is_compiling():
         if backend == "triton":
             return lowrank_mixture_triton(
-                x, gates, indices, list(U), list(V), b_dec, allow_tf32=allow_tf32
+                x, gates, indices, list(U), list(V), b_dec, allow_tf32=allow_tf32,
+                deterministic=deterministic,
             )[0]
         return _SparseLowRankMixture.apply(x, gates, indices, b_dec, len(U), *U, *V)[0]
-    spec = (backend, allow_tf32)
+    spec = (backend, allow_tf32, deterministic)
     return _SparseMixture.apply(spec, _Stash(), x, gates, indices, b_dec, len(U), *U, *V)

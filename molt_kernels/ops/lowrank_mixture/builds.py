@@ -19,7 +19,7 @@ from .launch import backward, forward
 # and looped over rank tiles.
 REPORT_RANK_COUNTS, REPORT_WIDTH, REPORT_SLOTS = {512: 2, 256: 2, 48: 4, 32: 8}, 2304, 8
 _TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-               torch.float64: "fp64", torch.int64: "i64"}
+               torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32"}
 # (x dtype, weight dtype, allow_tf32) the launch code is compiled for: each dtype as it is, fp32
 # master weights under bf16 x (cast per tile in registers; fp16 compiles alike) and fp32 in TF32.
 REPORT_VARIANTS = (

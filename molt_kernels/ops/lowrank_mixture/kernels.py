@@ -43,9 +43,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..configs import FIXED_POINT_BITS
+
 # Columns of a binfo row.
 INFO_COLUMNS = 4
 INFO = tl.constexpr(INFO_COLUMNS)
+# The fixed combine: a token row's sum holds FIXED_POINT_BITS bits of its bound 2^e; the bound
+# takes BOUND_MARGIN for the roundings between the pair norms and the values added (bf16 h and
+# weight tiles: < 1%); e >= E_MIN keeps 2^(FIXED_BITS - e) a normal fp32 number, and
+# E_NON_FINITE (> 127) marks a row whose bound is not finite.
+FIXED_BITS = tl.constexpr(FIXED_POINT_BITS)
+BOUND_MARGIN = tl.constexpr(1.0625)
+E_MIN = tl.constexpr(-96)
+E_NON_FINITE = tl.constexpr(1 << 10)
 
 
 @triton.jit
@@ -94,12 +104,57 @@ def _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS: tl.constexpr):
 
 
 @triton.jit
+def _fold_pair_bound(bound, tok, valid, row_stat_ptr, n_tokens):
+    """row_stat[0, tok] = max of its pairs' bounds (fp32 bits: for values >= 0 the int32 order is
+    the float order), row_stat[1, tok] = its pair count. NaN bounds count as +inf."""
+    bound = tl.where(bound == bound, bound, float("inf"))
+    tl.atomic_max(row_stat_ptr + tok, bound.to(tl.int32, bitcast=True), mask=valid,
+                  sem="relaxed")
+    tl.atomic_add(row_stat_ptr + n_tokens + tok, tl.full(tok.shape, 1, tl.int32), mask=valid,
+                  sem="relaxed")
+
+
+@triton.jit
+def _weight_norm_kernel(
+    w0, w1, w2, w3, w4, w5, w6, w7, norm_ptr, binfo_ptr, N,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_BUCKETS: tl.constexpr,
+    RANK_MAJOR: tl.constexpr,
+):
+    """norm[t] = max over the N width positions c of ||W_t[c, :]||_2 in fp32 (a program per
+    transform): W_t = U_t [N, r], or V_t [r, N] when RANK_MAJOR. +inf when W_t holds a non-finite
+    value (its sum of squares is then not finite)."""
+    t = tl.program_id(0)
+    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
+    rank = tl.load(binfo_ptr + b * INFO + 1)
+    w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
+    w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * N
+    best = tl.zeros((BLOCK_N,), tl.float32)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        sq = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, rank, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            if RANK_MAJOR:
+                tile = w_t + kk[None, :] * N + offs_n[:, None]
+            else:
+                tile = w_t + offs_n[:, None] * rank + kk[None, :]
+            w = tl.load(tile, mask=(offs_n[:, None] < N) & (kk[None, :] < rank),
+                        other=0.0).to(tl.float32)
+            sq += tl.sum(w * w, axis=1)
+        best = tl.maximum(best, sq)
+        total += sq
+    norm = tl.sqrt(tl.max(best, axis=0))
+    tl.store(norm_ptr + t, tl.where(tl.sum(total, axis=0) < float("inf"), norm, float("inf")))
+
+
+@triton.jit
 def _shrink_kernel(
     a_ptr, w0, w1, w2, w3, w4, w5, w6, w7, h_ptr, dh_ptr, gate_ptr, dgate_ptr,
     block_order_ptr, block_t_ptr, block_h_ptr, row_pair_ptr, binfo_ptr, blocks_used_ptr,
-    K, n_slots, n_blocks, h_size, stride_am,
+    norm_ptr, row_stat_ptr, K, n_slots, n_blocks, h_size, stride_am, n_tokens,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    N_BUCKETS: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr,
+    N_BUCKETS: tl.constexpr, BACKWARD: tl.constexpr, BOUND: tl.constexpr, ACC: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Used blocks run in window order; the unused ones (and the extra program) keep their id.
@@ -129,9 +184,12 @@ def _shrink_kernel(
     a_rows = a_ptr + tl.where(valid, pair // n_slots, 0)[:, None] * stride_am
     h_rows = tl.load(block_h_ptr + block) + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * rank
     offs_k = tl.arange(0, BLOCK_K)
-    if BACKWARD:
+    if BACKWARD or BOUND:
         gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
+    if BACKWARD:
         dgate = tl.zeros((BLOCK_M,), ACC)
+    if BOUND:
+        sumsq = tl.zeros((BLOCK_M,), tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r[None, :] < rank
@@ -146,6 +204,8 @@ def _shrink_kernel(
                 w_tile = w_t + offs_r[None, :] * K + kk[:, None]
             w = tl.load(w_tile, mask=r_ok & (kk[:, None] < K), other=0.0)
             acc = _dot(a, w.to(a.dtype), acc, DOT_FP32, PRECISION)
+        if BOUND:
+            sumsq += tl.sum(acc * acc, axis=1).to(tl.float32)
         h_tile = h_rows + offs_r[None, :]
         if BACKWARD:
             h_pre = tl.load(h_ptr + h_tile, mask=r_ok, other=0.0).to(ACC)
@@ -156,6 +216,11 @@ def _shrink_kernel(
             tl.store(h_ptr + h_tile, acc.to(h_ptr.dtype.element_ty), mask=r_ok)
     if BACKWARD:
         tl.store(dgate_ptr + pair, dgate.to(dgate_ptr.dtype.element_ty), mask=valid)
+    if BOUND:
+        # |(g) H @ W_t| <= |g| ||h||_2 max_c ||W_t[c]||_2 elementwise: the pair's bound, folded
+        # into its token's (max, count) with integer atomics (order-free, so deterministic).
+        _fold_pair_bound(tl.abs(gate.to(tl.float32)) * tl.sqrt(sumsq) * tl.load(norm_ptr + t),
+                         tl.where(valid, pair // n_slots, 0), valid, row_stat_ptr, n_tokens)
 
 
 @triton.jit
@@ -197,27 +262,44 @@ def _expand_block(
 
 
 @triton.jit
+def _fixed_scale(exponent, TO_FIXED: tl.constexpr):
+    """2^(FIXED_BITS - e) (TO_FIXED) or 2^(e - FIXED_BITS), built from its bits: exact, and e in
+    [E_MIN, 127] keeps both normal fp32 numbers."""
+    if TO_FIXED:
+        bits = (127 + FIXED_BITS - exponent) << 23
+    else:
+        bits = (127 - FIXED_BITS + exponent) << 23
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _expand_kernel(
     h_ptr, w0, w1, w2, w3, w4, w5, w6, w7, acc_ptr, out_ptr, bias_ptr, gate_ptr,
     range_blocks_ptr, range_start_ptr, block_order_ptr, block_t_ptr, block_h_ptr, row_pair_ptr,
-    binfo_ptr, N, n_tokens, range_tokens, n_slots, stride_acc, stride_out,
+    binfo_ptr, row_stat_ptr, N, n_tokens, range_tokens, n_slots, stride_acc, stride_out,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     N_BUCKETS: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCRATCH: tl.constexpr, ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
+    SCRATCH: tl.constexpr, COMBINE: tl.constexpr, ACC: tl.constexpr, DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n[None, :] < N
-    if ATOMIC:
-        # Opt-in, nondeterministic: a program per (block in window order, width tile) adds its
-        # rows into acc (already holding the bias or zero) with fp32 atomics; the order of
-        # the adds, hence the rounding, varies from run to run.
+    if COMBINE != "ranges":
+        # A program per (block in window order, width tile) adds its rows into acc with atomics:
+        # "fixed": int32 fixed point at the row's scale (acc zeroed, rows of a non-finite bound
+        # skipped: _fixed_finish_kernel writes them NaN); "atomic" (opt-in, nondeterministic):
+        # fp32, acc holding the bias or zero, the order of the adds (hence the rounding) varying.
         block = tl.load(block_order_ptr + tl.program_id(0))
         if tl.load(block_t_ptr + block) >= 0:
             acc, tok, valid = _expand_block(
                 block, h_ptr, w0, w1, w2, w3, w4, w5, w6, w7, gate_ptr, block_t_ptr,
                 block_h_ptr, row_pair_ptr, binfo_ptr, offs_n, n_ok, N, n_slots,
                 BLOCK_M, BLOCK_N, BLOCK_K, N_BUCKETS, GATED, ACC, DOT_FP32, PRECISION)
+            if COMBINE == "fixed":
+                exponent = tl.load(row_stat_ptr + tok)
+                valid = valid & (exponent <= 127)
+                scaled = acc.to(tl.float32) * _fixed_scale(exponent, True)[:, None]
+                acc = tl.floor(scaled + 0.5).to(tl.int32)
             tl.atomic_add(acc_ptr + tok[:, None] * stride_acc + offs_n[None, :], acc,
                           mask=valid[:, None] & n_ok, sem="relaxed")
         return
@@ -249,6 +331,44 @@ def _expand_kernel(
             v = tl.load(acc_ptr + toks[:, None] * stride_acc + offs_n[None, :], mask=mask)
             tl.store(out_ptr + toks[:, None] * stride_out + offs_n[None, :],
                      v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fixed_scales_kernel(row_stat_ptr, n_tokens, BLOCK_T: tl.constexpr):
+    """For BLOCK_T token rows, in place over row_stat[0]: the row's exponent e, the least with
+    2^e >= BOUND_MARGIN x pairs x max pair bound (at least E_MIN; E_NON_FINITE for a non-finite
+    bound), from the bits of that product (exact, unlike a log2)."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = toks < n_tokens
+    top = tl.load(row_stat_ptr + toks, mask=ok, other=0).to(tl.float32, bitcast=True)
+    count = tl.load(row_stat_ptr + n_tokens + toks, mask=ok, other=0).to(tl.float32)
+    bits = (top * count * BOUND_MARGIN).to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 255
+    exponent = biased - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    exponent = tl.where(biased == 255, E_NON_FINITE, tl.maximum(exponent, E_MIN))
+    tl.store(row_stat_ptr + toks, exponent, mask=ok)
+
+
+@triton.jit
+def _fixed_finish_kernel(
+    acc_ptr, row_stat_ptr, bias_ptr, out_ptr, n_tokens, N, stride_acc, stride_out,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """out = acc x 2^(e - FIXED_BITS) (+ bias), NaN on rows of a non-finite bound."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = toks < n_tokens
+    mask = ok[:, None] & (offs_n[None, :] < N)
+    exponent = tl.load(row_stat_ptr + toks, mask=ok, other=0)
+    finite = exponent <= 127
+    scale = _fixed_scale(tl.where(finite, exponent, 0), False)
+    v = tl.load(acc_ptr + toks[:, None] * stride_acc + offs_n[None, :], mask=mask, other=0)
+    v = v.to(tl.float32) * scale[:, None]
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    v = tl.where(finite[:, None], v, float("nan"))
+    tl.store(out_ptr + toks[:, None] * stride_out + offs_n[None, :],
+             v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

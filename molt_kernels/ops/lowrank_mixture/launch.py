@@ -26,6 +26,7 @@ from ..configs import (
     arch_of,
     autotune,
     autotune_enabled,
+    default_combine,
     plan,
     tuning_candidates,
     tuning_key,
@@ -35,7 +36,10 @@ from ..runtime import triton_interpreting
 from .kernels import (
     INFO_COLUMNS,
     _expand_kernel,
+    _fixed_finish_kernel,
+    _fixed_scales_kernel,
     _shrink_kernel,
+    _weight_norm_kernel,
     _xty_kernel,
     _xty_plan_kernel,
     _xty_reduce_kernel,
@@ -189,38 +193,83 @@ def _weight_args(weights: Sequence[Tensor]) -> list[Tensor]:
     return ws + [ws[0]] * (8 - len(ws))
 
 
+class FixedCombine(NamedTuple):
+    """The "fixed" combine's buffers, views of one zero-filled int32 allocation made before the
+    shrink that feeds it: the expanding weights' norms [T] (fp32 bits), the token rows' (max pair
+    bound as fp32 bits, pair count) [2, N], which the shrink fills and ``_fixed_scales_kernel``
+    turns into row exponents in place, and the fixed-point accumulator [N, width]."""
+
+    norms: Tensor
+    row_stat: Tensor
+    acc: Tensor
+
+
+def _fixed_combine(
+    weights: Sequence[Tensor], n_tokens: int, binfo: Tensor, n_transforms: int, rank_major: bool,
+    cfg: MixtureConfig, run: Runner,
+) -> FixedCombine | None:
+    """The buffers and weight norms of the "fixed" combine of ``weights`` (U [n, width, r]
+    forward, V [n, r, width] backward: ``rank_major``); None for the other combines."""
+    if cfg.layout.combine != "fixed":
+        return None
+    width = weights[0].shape[2 if rank_major else 1]
+    flat = torch.zeros(n_transforms + n_tokens * (2 + width), dtype=torch.int32,
+                       device=weights[0].device)
+    norms = flat[:n_transforms].view(torch.float32)
+    row_stat = flat[n_transforms : n_transforms + 2 * n_tokens].view(2, n_tokens)
+    acc = flat[n_transforms + 2 * n_tokens :].view(n_tokens, width)
+    run(_weight_norm_kernel, (n_transforms,), cfg.weight_norms, *_weight_args(weights), norms,
+        binfo, width, N_BUCKETS=len(weights), RANK_MAJOR=rank_major)
+    return FixedCombine(norms, row_stat, acc)
+
+
 def _expand(
     h: Tensor, weights: Sequence[Tensor], out: Tensor, bias: Tensor | None, gates: Tensor | None,
-    table: BlockTable, binfo: Tensor, cfg_launch, layout: MixtureLayout, n_slots: int,
-    common: dict, run: Runner, deterministic: bool,
+    table: BlockTable, binfo: Tensor, cfg_launch, cfg: MixtureConfig, n_slots: int,
+    common: dict, run: Runner, fixed: FixedCombine | None,
 ) -> None:
-    """out [N, width] = (bias) + sum over each token's blocks of (g) H @ W_t.
+    """out [N, width] = (bias) + sum over each token's blocks of (g) H @ W_t, by the layout's
+    combine (``configs.COMBINES``):
 
-    Deterministic: a program per (token range, width tile) adds its range's blocks in table
-    order. Otherwise (opt-in, run-to-run rounding differences): a program per (block, width
-    tile) in window order adds its rows with fp32 atomics into a buffer holding the bias.
+    "fixed" (``fixed``: its buffers, the row bounds filled by the shrink): the token rows'
+    exponents, a program per (block, width tile) in window order adding fixed-point rows into
+    the int32 accumulator with integer atomics, the cast out.
+    "ranges": a program per (token range, width tile) adds its range's blocks in table order.
+    "atomic": as "fixed" with fp32 atomics into a buffer holding the bias (run-to-run rounding
+    differences).
     """
+    layout = cfg.layout
     n_tokens, width = out.shape
     acc_dtype = accumulator_dtype(out.dtype)
     scratch = acc_dtype != out.dtype
-    acc = _empty((n_tokens, width), acc_dtype, out.device) if scratch else out
-    if deterministic:
-        programs = layout.n_ranges
+    row_stat = fixed.row_stat if fixed is not None else out
+    if fixed is not None:
+        acc = fixed.acc
+        run(_fixed_scales_kernel, (triton.cdiv(n_tokens, cfg.fixed_scales.tiles["BLOCK_T"]),),
+            cfg.fixed_scales, row_stat, n_tokens)
     else:
-        programs = layout.n_blocks
-        if bias is None:
-            acc.zero_()
-        else:
-            acc.copy_(bias.expand(n_tokens, width))
+        acc = _empty((n_tokens, width), acc_dtype, out.device) if scratch else out
+        if layout.combine == "atomic":
+            if bias is None:
+                acc.zero_()
+            else:
+                acc.copy_(bias.expand(n_tokens, width))
+    programs = layout.n_ranges if layout.combine == "ranges" else layout.n_blocks
     grid = (programs, triton.cdiv(width, cfg_launch.tiles["BLOCK_N"]))
     run(_expand_kernel, grid, cfg_launch,
         h, *_weight_args(weights), acc, out, bias if bias is not None else out,
         gates if gates is not None else out, table.range_blocks, table.range_start,
-        table.block_order, table.block_t, table.block_h, table.pair_of_row, binfo,
+        table.block_order, table.block_t, table.block_h, table.pair_of_row, binfo, row_stat,
         width, n_tokens, layout.range_tokens, n_slots, acc.stride(0), out.stride(0),
         GATED=gates is not None, HAS_BIAS=bias is not None, SCRATCH=scratch,
-        ATOMIC=not deterministic, **common)
-    if scratch and not deterministic:
+        COMBINE=layout.combine, **common)
+    if layout.combine == "fixed":
+        tiles = cfg.fixed_finish.tiles
+        grid = (triton.cdiv(n_tokens, tiles["BLOCK_T"]), triton.cdiv(width, tiles["BLOCK_N"]))
+        run(_fixed_finish_kernel, grid, cfg.fixed_finish, acc, row_stat,
+            bias if bias is not None else out, out, n_tokens, width, acc.stride(0),
+            out.stride(0), HAS_BIAS=bias is not None)
+    elif layout.combine == "atomic" and scratch:
         out.copy_(acc)
 
 
@@ -231,7 +280,7 @@ def _config(
     """The decode's config on ``arch`` (default: the weights' device); with autotuning on, the
     tuned one for its key, timing the candidates with ``seconds(cfg)`` on a miss (the forward
     passes a timer; the backward, called after it, finds the key cached)."""
-    cfg = plan(n_tokens, n_slots, U, V, dtype, deterministic, arch)
+    cfg = plan(n_tokens, n_slots, U, V, dtype, default_combine(dtype, deterministic), arch)
     if not autotune_enabled():
         return cfg
     ranks = [v.shape[1] for v in V]
@@ -299,13 +348,16 @@ def forward(
     common = dict(N_BUCKETS=len(V), ACC=_acc(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
                   PRECISION=dot_precision(x.dtype, allow_tf32))
     h_pre = _empty((layout.h_size,), x.dtype, x.device)
+    fixed = _fixed_combine(U, n_tokens, binfo, rank_of_t.shape[0], False, cfg, run)
     run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_fwd,
         x, *_weight_args(V), h_pre, h_pre, gates, gates, table.block_order, table.block_t,
-        table.block_h, table.pair_of_row, binfo, table.blocks_used, x.shape[1], n_slots,
-        layout.n_blocks, layout.h_size, x.stride(0), BACKWARD=False, **common)
+        table.block_h, table.pair_of_row, binfo, table.blocks_used,
+        *(fixed[:2] if fixed is not None else (gates, gates)), x.shape[1], n_slots,
+        layout.n_blocks, layout.h_size, x.stride(0), n_tokens, BACKWARD=False,
+        BOUND=fixed is not None, **common)
     y = _empty((n_tokens, U[0].shape[1]), x.dtype, x.device)
-    _expand(h_pre, U, y, b_dec.contiguous(), gates, table, binfo, cfg.expand_fwd, layout,
-            n_slots, common, run, deterministic)
+    _expand(h_pre, U, y, b_dec.contiguous(), gates, table, binfo, cfg.expand_fwd, cfg,
+            n_slots, common, run, fixed)
     return y, table, h_pre
 
 
@@ -417,14 +469,19 @@ def backward(
              common, run)
     if need_g or need_x or need_v:
         dh = _empty((layout.h_size,), x.dtype, x.device)
+        fixed = None
+        if need_x:
+            fixed = _fixed_combine(V, n_tokens, binfo, rank_of_t.shape[0], True, cfg, run)
         run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_bwd,
             grad_y, *_weight_args(U), h_pre, dh, gates, dgates, table.block_order, table.block_t,
-            table.block_h, table.pair_of_row, binfo, table.blocks_used, grad_y.shape[1], n_slots,
-            layout.n_blocks, layout.h_size, grad_y.stride(0), BACKWARD=True, **common)
+            table.block_h, table.pair_of_row, binfo, table.blocks_used,
+            *(fixed[:2] if fixed is not None else (gates, gates)), grad_y.shape[1], n_slots,
+            layout.n_blocks, layout.h_size, grad_y.stride(0), n_tokens, BACKWARD=True,
+            BOUND=fixed is not None, **common)
         if need_x:
             dx = _empty(tuple(x.shape), x.dtype, x.device)
-            _expand(dh, V, dx, None, None, table, binfo, cfg.expand_bwd, layout, n_slots,
-                    common, run, deterministic)
+            _expand(dh, V, dx, None, None, table, binfo, cfg.expand_bwd, cfg, n_slots,
+                    common, run, fixed)
         if need_v:
             dV = _empty((sum(v.numel() for v in V),), V[0].dtype, x.device)
             _xty(x, dh, None, dV, True, table, binfo, split, cfg.grad_v, cfg, n_slots, common,

@@ -208,13 +208,16 @@ def _live_matmul(a: Tensor, a_abs: Tensor, b: Tensor, out_dtype: torch.dtype) ->
     only for its live pairs; a live pair that meets one gives NaN. ``a_abs`` is ``a.abs()``.
     Sync-free (no data-dependent shapes), so the step stays capturable."""
     finite = b.isfinite()
-    live, bad = torch.where(finite, b, 0).to(a.dtype), torch.where(finite, 0.0, 1.0).to(a.dtype)
-    if a.dtype == out_dtype:
-        out, hits = a @ live, a_abs @ bad
-    else:
-        out = torch.mm(a, live, out_dtype=out_dtype)
-        hits = torch.mm(a_abs, bad, out_dtype=out_dtype)
+    out = _matmul(a, torch.where(finite, b, 0), out_dtype)
+    hits = _matmul(a_abs, torch.where(finite, 0.0, 1.0), out_dtype)
     return torch.where(hits > 0, float("nan"), out)
+
+
+def _matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a [M, K] @ b [K, N] with b cast to a's dtype, accumulated and returned in ``out_dtype``
+    (half a on CUDA: the tensor cores' fp32 accumulator, ``torch.mm(out_dtype=)``)."""
+    b = b.to(a.dtype)
+    return a @ b if a.dtype == out_dtype else torch.mm(a, b, out_dtype=out_dtype)
 
 
 def _reduce_by_transform(
@@ -267,7 +270,6 @@ def _backward_dense(
     """Backward of k=None in PyTorch: its [N, T] gates exist already, so dense matmuls are the
     right tool. Same formulas as the sparse path."""
     acc = gates.dtype
-    w = W.to(acc)  # as stored, as in the sparse path: fp32 master weights are not copied
     dlog = None
     if activation == "relu":
         dpre = torch.where(gates <= 0, 0.0, dgates)  # NaN passes, as in torch.relu's backward
@@ -282,7 +284,8 @@ def _backward_dense(
         dpre = torch.where(pre > theta, dgates, 0.0)
     else:
         dpre = dgates
-    dx = (dpre @ w).to(x.dtype) if need_dx else None
+    dpre_in = dpre.to(_gemm_operand_dtype(x))  # half on CUDA: the tensor cores
+    dx = _matmul(dpre_in, W, acc).to(x.dtype) if need_dx else None
     if not need_params:
         return dx, None, None, None
-    return dx, dpre.T @ x.to(acc), dpre.sum(0), dlog
+    return dx, _matmul(dpre_in.T, x, acc), dpre.sum(0), dlog

@@ -16,15 +16,22 @@ Kernels (grid; what a program reads -> writes):
   columns. Forward: A = x, W = V -> h_pre. Backward: A = dY, W = U^T -> g dH and
   dgate = rowsum(dH * h_pre). Programs without a block zero the unused tail of h_pre, so the
   op's outputs are fully defined.
-- ``_expand_kernel`` (token ranges, width tiles): a program owns its token range's rows of the
-  output tile and walks that range's blocks in table order: out[token(rows)] += (g) H @ W_t.
-  One writer per output element and a fixed order, so the combine is deterministic without
-  atomics and without a [pairs, width] slot buffer. Forward: H = h_pre gated, W = U^T -> y
-  (+ b_dec); backward: H = g dH, W = V -> dx. Half outputs accumulate in an fp32 [tokens, width]
-  scratch that the program casts out at the end. ``ATOMIC`` (opt-in, nondeterministic): instead a
-  program per (block in window order, width tile) adds its rows into the scratch (holding the
-  bias) with fp32 atomics; no token ranges to own, so blocks are longer and no program waits on
-  its range's other blocks.
+- ``_expand_kernel``: out[token(rows)] += (g) H @ W_t, summed over a token's blocks by the
+  layout's combine (``configs.COMBINES``). Forward: H = h_pre gated, W = U^T -> y (+ b_dec);
+  backward: H = g dH, W = V -> dx. No [pairs, width] slot buffer in any of them.
+  "fixed" (default below fp64; (blocks in window order, width tiles)): each program adds its
+  rows into an int32 [tokens, width] accumulator as fixed-point numbers at the row's scale, with
+  integer atomics. Integer addition is associative, so the sum is bitwise the same whatever
+  order the adds land in: deterministic with atomics. The scale 2^(FIXED_BITS - e) comes from a
+  bound on the row's sum: the shrink that made H folds each pair's |g| ||h||_2 x
+  ``_weight_norm_kernel``'s max_c ||W_t[c]||_2 (which bounds every element of its contribution)
+  into its token's (max, count) with integer atomics, ``_fixed_scales_kernel`` turns
+  count x max into the exponent e, and ``_fixed_finish_kernel`` casts out (+ bias); a
+  non-finite bound makes its row NaN. "ranges" (fp64; (token ranges, width tiles)): a program
+  owns its range's rows of the output tile and read-modify-writes them block by block in table
+  order (one writer, fixed order); half outputs accumulate in an fp32 scratch it casts out.
+  "atomic" (opt-in, nondeterministic): as "fixed" with fp32 atomics into a scratch holding the
+  bias; the order of the adds, hence the rounding, varies from run to run.
 - ``_xty_kernel`` ((transform, rank tile) items, width tiles): C_t = X[token(rows)]^T (g) H[rows]
   over t's blocks in order, into the flat gradient of all buckets: dU_t = dY^T (g h_pre),
   dV_t^T = x^T (g dH). Empty transforms write their zero. Under skewed routing a transform's rows

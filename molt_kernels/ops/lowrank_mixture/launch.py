@@ -1,9 +1,10 @@
 """Launch code of the MOLT decode: the block table (``route``), buffers and one grid per phase;
 configs from ``ops.configs``; ``kernels.py`` says what each kernel computes.
 
-A forward is routing (PyTorch ops, no host sync) + 2 launches; a backward 4 (shrink, dx expand,
-dU and dV X^T Y), whatever the number of rank buckets, plus 3 (the split plan, and a chunk
-reduction after each X^T Y) when a transform can hold more than one X^T Y chunk.
+A forward is routing (PyTorch ops, no host sync) + 2 launches (shrink, expand); a backward 4
+(shrink, dx expand, dU and dV X^T Y), whatever the number of rank buckets, plus 3 (the split
+plan, and a chunk reduction after each X^T Y) when a transform can hold more than one X^T Y
+chunk. The default "fixed" combine adds 3 per expand (weight norms, row exponents, cast out).
 """
 
 from __future__ import annotations

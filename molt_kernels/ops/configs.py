@@ -199,10 +199,10 @@ MAX_BUCKETS = 8
 #   hence the rounding, varies between runs.
 COMBINES = ("fixed", "ranges", "atomic")
 FIXED_POINT_BITS = 30
-# Tiles of the fixed combine's helper passes: the weight norms (a program per transform: width x
-# rank tiles), the row exponents (token rows) and the cast out (token rows x width tiles).
+# Tiles of the fixed combine's helper passes: the prologue (a program per transform: weight norms
+# over width x rank tiles, the zero fill in BLOCK_N x BLOCK_K chunks) and the cast out (token rows
+# x width tiles).
 NORM_BLOCK_N, NORM_BLOCK_K = 64, 32
-SCALES_BLOCK_T = 1024
 ROWS_BLOCK_T, ROWS_BLOCK_N = 32, 128
 WARPS, BIG_WARPS, BIG_ACCUMULATOR_BYTES = 4, 8, 32 << 10
 
@@ -314,8 +314,7 @@ class MixtureConfig:
     xty_partial_rows: int  # rank rows of chunk partials at most (XTY_PARTIAL_ELEMENTS / width)
     xty_plan: Launch
     xty_reduce: Launch
-    weight_norms: Launch  # the fixed combine: weight norms per transform,
-    fixed_scales: Launch  # its row exponents,
+    fixed_prologue: Launch  # the fixed combine: weight norms per transform, zero fill
     fixed_finish: Launch  # its cast out
 
 
@@ -397,6 +396,8 @@ def mixture_config(
     elem, acc = dtype.itemsize, accumulator_dtype(dtype).itemsize
     tile_r = _pow2_tile(max(ranks), RANK_TILE[kind])
 
+    fixed = layout.combine == "fixed"
+
     def shrink(k: int) -> Launch:
         bk = _pow2_tile(k, deep)
         return _launch(kind, rules, (m, tile_r), acc, (m * bk + bk * tile_r) * elem,
@@ -404,8 +405,10 @@ def mixture_config(
 
     def expand(n: int) -> Launch:
         # 128 x 128 spills on sm_80 (the read-modify-write tile, or the atomics' 64-bit address
-        # tile), so 128-row blocks take half-width tiles.
-        bn = _pow2_tile(n, wide if m < MAX_BLOCK_M else wide // 2)
+        # tile), so 128-row blocks take half-width tiles; with the fixed combine's scaling, so do
+        # 64-row blocks (24 bytes on sm_80).
+        half_width = m >= (MAX_BLOCK_M // 2 if fixed else MAX_BLOCK_M)
+        bn = _pow2_tile(n, wide // 2 if half_width else wide)
         # The combine also holds the read-modify-write tile and the gated h tile: 8 warps
         # (4 spill on sm_80 and sm_90 at BLOCK_M 16 and 32).
         return _launch(kind, rules, (m, bn), acc, (m * tile_r + tile_r * bn) * elem, big=True,
@@ -421,6 +424,10 @@ def mixture_config(
         return launch
 
     shrink_bwd, expand_fwd = shrink(d_out), expand(d_out)
+    if fixed and kind == "full" and m < MAX_BLOCK_M // 2:
+        # The fixed combine's pair-bound epilogue: the fp32 backward shrink at BLOCK_M 32 spills
+        # 8 bytes with 8 warps on sm_80 (ptxas keeps 64 registers a thread), none with 4.
+        shrink_bwd = Launch(shrink_bwd.tiles, WARPS, shrink_bwd.num_stages)
     if weight_dtype is not None and weight_dtype.itemsize > elem:
         # fp32 master weights under half x: the backward shrink casts each [BLOCK_K, BLOCK_R] tile
         # of U (rank-contiguous, a runtime stride: loaded element by element) in registers, and a
@@ -437,7 +444,6 @@ def mixture_config(
                          Launch({"BLOCK_T": XTY_PLAN_BLOCK_T}, WARPS, 1),
                          Launch({"BLOCK_E": XTY_REDUCE_BLOCK_E}, WARPS, 1),
                          Launch({"BLOCK_N": NORM_BLOCK_N, "BLOCK_K": NORM_BLOCK_K}, WARPS, 1),
-                         Launch({"BLOCK_T": SCALES_BLOCK_T}, WARPS, 1),
                          Launch({"BLOCK_T": ROWS_BLOCK_T, "BLOCK_N": ROWS_BLOCK_N}, WARPS, 1))
 
 

@@ -133,7 +133,7 @@ def step_cost(
         # and writes [2, tokens] int32 (left out).
         norms = _cost("fixed combine: weight norms (U, V)", 2 * 2 * weight_bytes / e,
                       2 * weight_bytes, spec, rate="fp32")
-        norms.launches = 6  # per direction: the norms, the row exponents, the cast out
+        norms.launches = 4  # per direction: the norms and the cast out
         kernels.append(norms)
     active = pairs / n_tokens
     if k is None or n_t <= DENSE_GATE_BACKWARD_RATIO * k:

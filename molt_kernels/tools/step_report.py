@@ -1,7 +1,8 @@
 """One forward+backward step of a MOLT layer on the triton backend, counted on the CPU.
 
 ``python -m molt_kernels gpu-report --step`` runs the step under the Triton interpreter and
-prints each kernel launch (kernel, grid, programs that store anything, i.e. do work), the aten ops
+prints each kernel launch (kernel, grid, programs that store or add anything atomically, i.e. do
+work), the aten ops
 that run outside the kernels (counted with a TorchDispatchMode; torch.library ops and the ops the
 interpreter itself runs inside a launch are not counted) and the bytes those ops allocate (every
 non-view output: the temporaries of the step, an upper bound on its peak).
@@ -24,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class LaunchRecord:
     kernel: str
     grid: tuple[int, ...]
-    working: int = 0  # programs that stored at least one element
+    working: int = 0  # programs that stored (or atomically added) at least one element
 
     @property
     def programs(self) -> int:
@@ -127,20 +128,30 @@ def count_step(watch: Sequence[torch.Tensor] = ()) -> Iterator[StepCounts]:
             grid = tuple(int(g) for g in builder.grid_dim)
             counts.launches.append(LaunchRecord(self.fn.__name__, grid, len(seen)))
 
-    def masked_store(self, ptr, val, mask, cache_policy):
+    def note_work(builder, mask) -> None:
         seen = current.get("seen")
         if seen is not None and bool(mask.data.any()):
-            seen.add(tuple(self.grid_idx))
+            seen.add(tuple(builder.grid_idx))
+
+    def masked_store(self, ptr, val, mask, cache_policy):
+        note_work(self, mask)
         return original_store(self, ptr, val, mask, cache_policy)
 
+    def atomic_rmw(self, op, ptr, val, mask, sem, scope):
+        note_work(self, mask)
+        return original_rmw(self, op, ptr, val, mask, sem, scope)
+
+    original_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
     interpreter.GridExecutor.__call__ = call
     interpreter.InterpreterBuilder.create_masked_store = masked_store
+    interpreter.InterpreterBuilder.create_atomic_rmw = atomic_rmw
     try:
         with mode:
             yield counts
     finally:
         interpreter.GridExecutor.__call__ = original_call
         interpreter.InterpreterBuilder.create_masked_store = original_store
+        interpreter.InterpreterBuilder.create_atomic_rmw = original_rmw
 
 
 def run_step(

@@ -24,10 +24,10 @@ Kernels (grid; what a program reads -> writes):
   integer atomics. Integer addition is associative, so the sum is bitwise the same whatever
   order the adds land in: deterministic with atomics. The scale 2^(FIXED_BITS - e) comes from a
   bound on the row's sum: the shrink that made H folds each pair's |g| ||h||_2 x
-  ``_weight_norm_kernel``'s max_c ||W_t[c]||_2 (which bounds every element of its contribution)
-  into its token's (max, count) with integer atomics, ``_fixed_scales_kernel`` turns
-  count x max into the exponent e, and ``_fixed_finish_kernel`` casts out (+ bias); a
-  non-finite bound makes its row NaN. "ranges" (fp64; (token ranges, width tiles)): a program
+  ``_fixed_prologue_kernel``'s max_c ||W_t[c]||_2 (which bounds every element of its contribution)
+  into its token's (max, count) with integer atomics, from which the expand and
+  ``_fixed_finish_kernel`` (the cast out, + bias) read the row's exponent e; a non-finite bound
+  makes its row NaN. "ranges" (fp64; (token ranges, width tiles)): a program
   owns its range's rows of the output tile and read-modify-writes them block by block in table
   order (one writer, fixed order); half outputs accumulate in an fp32 scratch it casts out.
   "atomic" (opt-in, nondeterministic): as "fixed" with fp32 atomics into a scratch holding the
@@ -111,6 +111,23 @@ def _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS: tl.constexpr):
 
 
 @triton.jit
+def _transform_weights(t, binfo_ptr, w0, w1, w2, w3, w4, w5, w6, w7, width,
+                       N_BUCKETS: tl.constexpr):
+    """(rank, pointer to W_t): transform t's r x width block in its bucket's weight tensor."""
+    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
+    rank = tl.load(binfo_ptr + b * INFO + 1)
+    w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
+    return rank, w_t + (t - tl.load(binfo_ptr + b * INFO)) * rank * width
+
+
+@triton.jit
+def _block_pairs(block, row_pair_ptr, BLOCK_M: tl.constexpr):
+    """(flat pair id of each of the block's rows, row is routed)."""
+    pair = tl.load(row_pair_ptr + block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))
+    return pair, pair >= 0
+
+
+@triton.jit
 def _fold_pair_bound(bound, tok, valid, row_stat_ptr, n_tokens):
     """row_stat[0, tok] = max of its pairs' bounds (fp32 bits: for values >= 0 the int32 order is
     the float order), row_stat[1, tok] = its pair count. NaN bounds count as +inf."""
@@ -122,19 +139,23 @@ def _fold_pair_bound(bound, tok, valid, row_stat_ptr, n_tokens):
 
 
 @triton.jit
-def _weight_norm_kernel(
-    w0, w1, w2, w3, w4, w5, w6, w7, norm_ptr, binfo_ptr, N,
+def _fixed_prologue_kernel(
+    w0, w1, w2, w3, w4, w5, w6, w7, norm_ptr, binfo_ptr, zero_ptr, N, n_zero,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_BUCKETS: tl.constexpr,
     RANK_MAJOR: tl.constexpr,
 ):
-    """norm[t] = max over the N width positions c of ||W_t[c, :]||_2 in fp32 (a program per
-    transform): W_t = U_t [N, r], or V_t [r, N] when RANK_MAJOR. +inf when W_t holds a non-finite
-    value (its sum of squares is then not finite)."""
+    """The fixed combine's prologue, a program per transform t: norm[t] = max over the N width
+    positions c of ||W_t[c, :]||_2 in fp32, W_t = U_t [N, r] or V_t [r, N] (RANK_MAJOR); +inf when
+    W_t holds a non-finite value (its sum of squares is then not finite). Each program also zeroes
+    its share of the n_zero int32 elements at zero_ptr (the row bounds and the accumulator)."""
     t = tl.program_id(0)
-    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
-    rank = tl.load(binfo_ptr + b * INFO + 1)
-    w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
-    w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * N
+    share = tl.cdiv(n_zero, tl.num_programs(0))
+    lo = t.to(tl.int64) * share
+    for i in range(lo, tl.minimum(lo + share, n_zero), BLOCK_N * BLOCK_K):
+        offs = i + tl.arange(0, BLOCK_N * BLOCK_K)
+        tl.store(zero_ptr + offs, tl.zeros((BLOCK_N * BLOCK_K,), tl.int32),
+                 mask=offs < tl.minimum(lo + share, n_zero))
+    rank, w_t = _transform_weights(t, binfo_ptr, w0, w1, w2, w3, w4, w5, w6, w7, N, N_BUCKETS)
     best = tl.zeros((BLOCK_N,), tl.float32)
     total = tl.zeros((BLOCK_N,), tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -181,22 +202,14 @@ def _shrink_kernel(
                 tl.store(h_ptr + offs, tl.zeros((BLOCK_M * BLOCK_R,), h_ptr.dtype.element_ty),
                          mask=offs < hi)
         return
-    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
-    rank = tl.load(binfo_ptr + b * INFO + 1)
-    w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
-    w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * K
-    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(row_pair_ptr + rows)
-    valid = pair >= 0
+    rank, w_t = _transform_weights(t, binfo_ptr, w0, w1, w2, w3, w4, w5, w6, w7, K, N_BUCKETS)
+    pair, valid = _block_pairs(block, row_pair_ptr, BLOCK_M)
     a_rows = a_ptr + tl.where(valid, pair // n_slots, 0)[:, None] * stride_am
     h_rows = tl.load(block_h_ptr + block) + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * rank
     offs_k = tl.arange(0, BLOCK_K)
-    if BACKWARD or BOUND:
-        gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
     if BACKWARD:
+        gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
         dgate = tl.zeros((BLOCK_M,), ACC)
-    if BOUND:
-        sumsq = tl.zeros((BLOCK_M,), tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r[None, :] < rank
@@ -211,8 +224,6 @@ def _shrink_kernel(
                 w_tile = w_t + offs_r[None, :] * K + kk[:, None]
             w = tl.load(w_tile, mask=r_ok & (kk[:, None] < K), other=0.0)
             acc = _dot(a, w.to(a.dtype), acc, DOT_FP32, PRECISION)
-        if BOUND:
-            sumsq += tl.sum(acc * acc, axis=1).to(tl.float32)
         h_tile = h_rows + offs_r[None, :]
         if BACKWARD:
             h_pre = tl.load(h_ptr + h_tile, mask=r_ok, other=0.0).to(ACC)
@@ -226,8 +237,20 @@ def _shrink_kernel(
     if BOUND:
         # |(g) H @ W_t| <= |g| ||h||_2 max_c ||W_t[c]||_2 elementwise: the pair's bound, folded
         # into its token's (max, count) with integer atomics (order-free, so deterministic).
-        _fold_pair_bound(tl.abs(gate.to(tl.float32)) * tl.sqrt(sumsq) * tl.load(norm_ptr + t),
-                         tl.where(valid, pair // n_slots, 0), valid, row_stat_ptr, n_tokens)
+        # From the rows just stored (what the combine will read; g dH holds its gate), re-read
+        # here rather than summed in the loop above, whose registers are full at large tiles.
+        tl.debug_barrier()
+        sumsq = tl.zeros((BLOCK_M,), tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            v = tl.load((dh_ptr if BACKWARD else h_ptr) + h_rows + offs_r[None, :],
+                        mask=offs_r[None, :] < rank, other=0.0).to(tl.float32)
+            sumsq += tl.sum(v * v, axis=1)
+        bound = tl.sqrt(sumsq) * tl.load(norm_ptr + t)
+        if not BACKWARD:
+            bound *= tl.abs(tl.load(gate_ptr + pair, mask=valid, other=0.0).to(tl.float32))
+        _fold_pair_bound(bound, tl.where(valid, pair // n_slots, 0), valid, row_stat_ptr,
+                         n_tokens)
 
 
 @triton.jit
@@ -241,13 +264,8 @@ def _expand_block(
     """(g) H @ W_t of one block for the columns offs_n: ([BLOCK_M, BLOCK_N] ACC, token of each
     row, row is routed)."""
     t = tl.load(block_t_ptr + block)
-    b = _bucket(t, binfo_ptr, 0, N_BUCKETS)
-    rank = tl.load(binfo_ptr + b * INFO + 1)
-    w_t = _weights(b, w0, w1, w2, w3, w4, w5, w6, w7, N_BUCKETS)
-    w_t += (t - tl.load(binfo_ptr + b * INFO)) * rank * N
-    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(row_pair_ptr + rows)
-    valid = pair >= 0
+    rank, w_t = _transform_weights(t, binfo_ptr, w0, w1, w2, w3, w4, w5, w6, w7, N, N_BUCKETS)
+    pair, valid = _block_pairs(block, row_pair_ptr, BLOCK_M)
     h_rows = tl.load(block_h_ptr + block) + tl.arange(0, BLOCK_M).to(tl.int64)[:, None] * rank
     if GATED:
         gate = tl.load(gate_ptr + pair, mask=valid, other=0.0).to(ACC)
@@ -266,6 +284,19 @@ def _expand_block(
         w = tl.load(w_tile, mask=(kk[:, None] < rank) & n_ok, other=0.0)
         acc = _dot(h, w.to(h.dtype), acc, DOT_FP32, PRECISION)
     return acc, tl.where(valid, pair // n_slots, 0), valid
+
+
+@triton.jit
+def _row_exponent(row_stat_ptr, tok, ok, n_tokens):
+    """The exponent e of each token row ``tok``: the least with 2^e >= BOUND_MARGIN x pairs x
+    max pair bound (row_stat, see _fold_pair_bound), at least E_MIN; E_NON_FINITE for a
+    non-finite bound. From the bits of that product: exact, unlike a log2."""
+    top = tl.load(row_stat_ptr + tok, mask=ok, other=0).to(tl.float32, bitcast=True)
+    count = tl.load(row_stat_ptr + n_tokens + tok, mask=ok, other=0).to(tl.float32)
+    bits = (top * count * BOUND_MARGIN).to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 255
+    exponent = biased - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return tl.where(biased == 255, E_NON_FINITE, tl.maximum(exponent, E_MIN))
 
 
 @triton.jit
@@ -303,7 +334,7 @@ def _expand_kernel(
                 block_h_ptr, row_pair_ptr, binfo_ptr, offs_n, n_ok, N, n_slots,
                 BLOCK_M, BLOCK_N, BLOCK_K, N_BUCKETS, GATED, ACC, DOT_FP32, PRECISION)
             if COMBINE == "fixed":
-                exponent = tl.load(row_stat_ptr + tok)
+                exponent = _row_exponent(row_stat_ptr, tok, valid, n_tokens)
                 valid = valid & (exponent <= 127)
                 scaled = acc.to(tl.float32) * _fixed_scale(exponent, True)[:, None]
                 acc = tl.floor(scaled + 0.5).to(tl.int32)
@@ -341,22 +372,6 @@ def _expand_kernel(
 
 
 @triton.jit
-def _fixed_scales_kernel(row_stat_ptr, n_tokens, BLOCK_T: tl.constexpr):
-    """For BLOCK_T token rows, in place over row_stat[0]: the row's exponent e, the least with
-    2^e >= BOUND_MARGIN x pairs x max pair bound (at least E_MIN; E_NON_FINITE for a non-finite
-    bound), from the bits of that product (exact, unlike a log2)."""
-    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = toks < n_tokens
-    top = tl.load(row_stat_ptr + toks, mask=ok, other=0).to(tl.float32, bitcast=True)
-    count = tl.load(row_stat_ptr + n_tokens + toks, mask=ok, other=0).to(tl.float32)
-    bits = (top * count * BOUND_MARGIN).to(tl.int32, bitcast=True)
-    biased = (bits >> 23) & 255
-    exponent = biased - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    exponent = tl.where(biased == 255, E_NON_FINITE, tl.maximum(exponent, E_MIN))
-    tl.store(row_stat_ptr + toks, exponent, mask=ok)
-
-
-@triton.jit
 def _fixed_finish_kernel(
     acc_ptr, row_stat_ptr, bias_ptr, out_ptr, n_tokens, N, stride_acc, stride_out,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -366,7 +381,7 @@ def _fixed_finish_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = toks < n_tokens
     mask = ok[:, None] & (offs_n[None, :] < N)
-    exponent = tl.load(row_stat_ptr + toks, mask=ok, other=0)
+    exponent = _row_exponent(row_stat_ptr, toks, ok, n_tokens)
     finite = exponent <= 127
     scale = _fixed_scale(tl.where(finite, exponent, 0), False)
     v = tl.load(acc_ptr + toks[:, None] * stride_acc + offs_n[None, :], mask=mask, other=0)

@@ -4,7 +4,8 @@ configs from ``ops.configs``; ``kernels.py`` says what each kernel computes.
 A forward is routing (PyTorch ops, no host sync) + 2 launches (shrink, expand); a backward 4
 (shrink, dx expand, dU and dV X^T Y), whatever the number of rank buckets, plus 3 (the split
 plan, and a chunk reduction after each X^T Y) when a transform can hold more than one X^T Y
-chunk. The default "fixed" combine adds 3 per expand (weight norms, row exponents, cast out).
+chunk. The default "fixed" combine adds 2 per expand (its prologue: weight norms and zero fill;
+the cast out).
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ from .kernels import (
     INFO_COLUMNS,
     _expand_kernel,
     _fixed_finish_kernel,
-    _fixed_scales_kernel,
+    _fixed_prologue_kernel,
     _shrink_kernel,
-    _weight_norm_kernel,
     _xty_kernel,
     _xty_plan_kernel,
     _xty_reduce_kernel,
@@ -122,10 +122,11 @@ def _bucket_tables(
     return binfo, rank_of_t, item
 
 
-@functools.lru_cache(maxsize=64)
-def _table_order(n_blocks: int, device: torch.device) -> Tensor:
-    """Block ids in table order, built once per shape (no op in the step)."""
-    return torch.arange(n_blocks, dtype=torch.int64, device=device)
+@functools.lru_cache(maxsize=256)
+def _ids(n: int, device: torch.device) -> Tensor:
+    """0, 1, ..., n - 1 (int64), built once per size (no op in the step): token, pair, segment
+    and block ids, and the block table order."""
+    return torch.arange(n, dtype=torch.int64, device=device)
 
 
 def route(indices: Tensor, gates: Tensor, rank_of_t: Tensor, layout: MixtureLayout) -> BlockTable:
@@ -147,23 +148,24 @@ def route(indices: Tensor, gates: Tensor, rank_of_t: Tensor, layout: MixtureLayo
         torch._assert_async(kept[-1] <= layout.pair_capacity,
                             "more active pairs than the decode's pair capacity")
         keep = keep & (kept <= layout.pair_capacity)
-    token_range = torch.arange(n_tokens, **long) // layout.range_tokens
+    token_range = _ids(n_tokens, indices.device) // layout.range_tokens
     segment = indices * n_ranges + token_range[:, None]
     key = torch.where(keep, segment.reshape(-1), n_seg)
-    order = torch.sort(key, stable=True).indices
-    key = key[order]
-    counts = torch.zeros(n_seg + 1, **long).scatter_add_(0, key, torch.ones_like(key))[:n_seg]
+    key, order = torch.sort(key, stable=True)
+    # key is sorted: segment s holds the pairs from its first position to the next segment's.
+    seg_start = torch.searchsorted(key, _ids(n_seg + 1, indices.device))
+    pair_start = seg_start[:-1]
+    counts = seg_start[1:] - pair_start
     blocks = (counts + m - 1) // m
     block_end = torch.cumsum(blocks, 0)
-    pair_start = torch.cumsum(counts, 0) - counts
     valid = key < n_seg
     seg = key.clamp(max=max(n_seg - 1, 0))
-    row = (block_end - blocks)[seg] * m + torch.arange(key.numel(), **long) - pair_start[seg]
+    row = (block_end - blocks)[seg] * m + _ids(key.numel(), indices.device) - pair_start[seg]
     # Dropped pairs write -1 to row 0, which the max keeps for a routed pair if it has one.
     row = torch.where(valid, row, 0)
     pair_of_row = torch.full((layout.n_rows,), -1, **long).scatter_reduce_(
         0, row, torch.where(valid, order, -1), "amax")
-    seg_of_block = torch.searchsorted(block_end, torch.arange(layout.n_blocks, **long),
+    seg_of_block = torch.searchsorted(block_end, _ids(layout.n_blocks, indices.device),
                                       right=True)
     used = seg_of_block < n_seg
     seg_of_block = seg_of_block.clamp(max=max(n_seg - 1, 0))
@@ -175,11 +177,11 @@ def route(indices: Tensor, gates: Tensor, rank_of_t: Tensor, layout: MixtureLayo
     t_block_start[1:] = block_end[n_ranges - 1 :: n_ranges]
     block_range = torch.where(used, seg_of_block % n_ranges, n_ranges)
     sorted_range, range_blocks = torch.sort(block_range, stable=True)
-    range_start = torch.searchsorted(sorted_range, torch.arange(n_ranges + 1, **long))
+    range_start = torch.searchsorted(sorted_range, _ids(n_ranges + 1, indices.device))
     # Unused blocks (range n_ranges) form the last window and keep their place in it. One window
     # is table order, one range per window is range order: neither costs a sort.
     if layout.window_ranges >= n_ranges:
-        block_order = _table_order(layout.n_blocks, indices.device)
+        block_order = _ids(layout.n_blocks, indices.device)
     elif layout.window_ranges == 1:
         block_order = range_blocks
     else:
@@ -195,10 +197,10 @@ def _weight_args(weights: Sequence[Tensor]) -> list[Tensor]:
 
 
 class FixedCombine(NamedTuple):
-    """The "fixed" combine's buffers, views of one zero-filled int32 allocation made before the
-    shrink that feeds it: the expanding weights' norms [T] (fp32 bits), the token rows' (max pair
-    bound as fp32 bits, pair count) [2, N], which the shrink fills and ``_fixed_scales_kernel``
-    turns into row exponents in place, and the fixed-point accumulator [N, width]."""
+    """The "fixed" combine's buffers, views of one int32 allocation that its prologue zeroes
+    before the shrink that feeds it: the expanding weights' norms [T] (fp32 bits), the token
+    rows' (max pair bound as fp32 bits, pair count) [2, N], which the shrink fills and the row
+    exponents come from, and the fixed-point accumulator [N, width]."""
 
     norms: Tensor
     row_stat: Tensor
@@ -214,13 +216,14 @@ def _fixed_combine(
     if cfg.layout.combine != "fixed":
         return None
     width = weights[0].shape[2 if rank_major else 1]
-    flat = torch.zeros(n_transforms + n_tokens * (2 + width), dtype=torch.int32,
-                       device=weights[0].device)
+    flat = _empty((n_transforms + n_tokens * (2 + width),), torch.int32, weights[0].device)
     norms = flat[:n_transforms].view(torch.float32)
-    row_stat = flat[n_transforms : n_transforms + 2 * n_tokens].view(2, n_tokens)
-    acc = flat[n_transforms + 2 * n_tokens :].view(n_tokens, width)
-    run(_weight_norm_kernel, (n_transforms,), cfg.weight_norms, *_weight_args(weights), norms,
-        binfo, width, N_BUCKETS=len(weights), RANK_MAJOR=rank_major)
+    zeroed = flat[n_transforms:]  # the prologue zeroes it (one op fewer than torch.zeros)
+    row_stat = zeroed[: 2 * n_tokens].view(2, n_tokens)
+    acc = zeroed[2 * n_tokens :].view(n_tokens, width)
+    run(_fixed_prologue_kernel, (n_transforms,), cfg.fixed_prologue, *_weight_args(weights),
+        norms, binfo, zeroed, width, zeroed.numel(), N_BUCKETS=len(weights),
+        RANK_MAJOR=rank_major)
     return FixedCombine(norms, row_stat, acc)
 
 
@@ -232,9 +235,9 @@ def _expand(
     """out [N, width] = (bias) + sum over each token's blocks of (g) H @ W_t, by the layout's
     combine (``configs.COMBINES``):
 
-    "fixed" (``fixed``: its buffers, the row bounds filled by the shrink): the token rows'
-    exponents, a program per (block, width tile) in window order adding fixed-point rows into
-    the int32 accumulator with integer atomics, the cast out.
+    "fixed" (``fixed``: its buffers, the row bounds filled by the shrink): a program per (block,
+    width tile) in window order adds fixed-point rows at their row's scale into the int32
+    accumulator with integer atomics, then the cast out.
     "ranges": a program per (token range, width tile) adds its range's blocks in table order.
     "atomic": as "fixed" with fp32 atomics into a buffer holding the bias (run-to-run rounding
     differences).
@@ -246,8 +249,6 @@ def _expand(
     row_stat = fixed.row_stat if fixed is not None else out
     if fixed is not None:
         acc = fixed.acc
-        run(_fixed_scales_kernel, (triton.cdiv(n_tokens, cfg.fixed_scales.tiles["BLOCK_T"]),),
-            cfg.fixed_scales, row_stat, n_tokens)
     else:
         acc = _empty((n_tokens, width), acc_dtype, out.device) if scratch else out
         if layout.combine == "atomic":

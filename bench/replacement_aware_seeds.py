@@ -11,53 +11,98 @@ replace, an earlier one's); arms (a), (b) and (c) must then agree exactly, or it
 
 import json
 import sys
+from dataclasses import asdict, replace
 from statistics import mean
 
-from molt_kernels.tools.studies.replacement_aware import GOAL_GAP_CLOSED, GOAL_OWN_CE_INCREASE
+from molt_kernels.tools.studies.replacement_aware import (
+    GOAL_GAP_CLOSED,
+    GOAL_OWN_CE_INCREASE,
+    StudyConfig,
+)
+
+# The plain fine-tune, which stays the default when no setting qualifies: the mixing weight
+# blends each MLP into its MOLT up to 1.
+PLAIN_FINETUNE = {"finetune_phase_in_final": 1.0, "finetune_sample_replacement": False}
 
 
-def settings(report: dict) -> dict[str, tuple[dict, dict | None]]:
-    """{setting: (arm result, comparison with (a) or None for (a) itself)} of one report."""
-    arms, comparison = report["arms"], report["comparison"]
+# A fine-tune is identified by these settings, not by its label: the default fine-tune changed
+# between sessions, so one report's (c) can be another's variant.
+FINETUNE_SCHEDULE = ("phase_in_start", "phase_in_ramp", "phase_in_final", "sample_replacement",
+                     "consistency")  # fmt: skip
+
+
+def finetune_key(config: dict, overrides: dict) -> tuple:
+    """The fine-tune's length, lr and schedule, from a report's config and a variant's overrides
+    (reports before the ``finetune_`` schedule fields name them without the prefix)."""
+
+    def value(field: str, fallback: str) -> object:
+        for source in (overrides, config):
+            for name in (field, fallback):
+                if name in source:
+                    return source[name]
+        raise KeyError(field)
+
+    key = [value("finetune_steps", "finetune_steps"), value("finetune_lr", "finetune_lr")]
+    return tuple(key + [value(f"finetune_{field}", field) for field in FINETUNE_SCHEDULE])
+
+
+def settings(report: dict) -> dict[object, tuple[str, dict, dict | None]]:
+    """{setting key: (label, arm result, comparison with (a) or None for (a))} of one report."""
+    arms, comparison, config = report["arms"], report["comparison"], report["config"]
     found = {
-        "posthoc (a)": (arms["posthoc"], None),
-        "aware (b)": (arms["aware"], comparison["aware"]),
-        "aware_finetune (c)": (arms["aware_finetune"], comparison["aware_finetune"]),
+        "posthoc": ("posthoc (a)", arms["posthoc"], None),
+        "aware": ("aware (b)", arms["aware"], comparison["aware"]),
+        finetune_key(config, {}): (
+            "aware_finetune (c)",
+            arms["aware_finetune"],
+            comparison["aware_finetune"],
+        ),
     }
     for name, variant in report.get("finetune_variants", {}).items():
-        found[f"(c) {name}"] = (variant["arm"], variant["comparison"])
+        key = finetune_key(config, variant["overrides"])
+        found[key] = (f"(c) {name}", variant["arm"], variant["comparison"])
     return found
 
 
-def merge(paths: list[str]) -> dict[int, dict[str, tuple[dict, dict | None]]]:
-    """{seed: settings} over the reports, checking that a seed's arms reproduce across them."""
-    by_seed: dict[int, dict[str, tuple[dict, dict | None]]] = {}
+def merge(paths: list[str]) -> tuple[dict[int, dict], dict[object, str]]:
+    """({seed: {key: (arm, comparison)}}, {key: label}) over the reports. Arms (a) and (b) of
+    one seed must agree exactly between reports (else it stops); a fine-tune that a later
+    report ran again replaces the earlier run, with a note on stderr if they differ. A setting
+    is labelled as the first report that ran it names it."""
+    by_seed: dict[int, dict[object, tuple[dict, dict | None]]] = {}
+    labels: dict[object, str] = {}
     for path in paths:
         with open(path) as f:
             report = json.load(f)
         seed = report["config"]["seed"]
-        found = settings(report)
-        if seed in by_seed:
-            for arm in ("posthoc (a)", "aware (b)", "aware_finetune (c)"):
-                if by_seed[seed][arm][0]["test"] != found[arm][0]["test"]:
-                    sys.exit(f"{path}: seed {seed}'s {arm} differs from an earlier report's")
-        by_seed.setdefault(seed, {}).update(found)
-    return by_seed
+        runs = by_seed.setdefault(seed, {})
+        for key, (label, arm, cmp) in settings(report).items():
+            if key in runs and runs[key][0]["test"] != arm["test"]:
+                message = f"{path}: seed {seed}'s {label} differs from an earlier report's"
+                if key in ("posthoc", "aware"):
+                    sys.exit(message)  # the fine-tunes of different (a)s do not compare
+                print(f"{message}; the later one is used", file=sys.stderr)
+            labels.setdefault(key, label)
+            runs[key] = (arm, cmp)
+    return by_seed, labels
 
 
 def main() -> None:
-    by_seed = merge(sys.argv[1:])
+    by_seed, labels = merge(sys.argv[1:])
     seeds = sorted(by_seed)
-    names = [name for name in by_seed[seeds[0]] if all(name in by_seed[s] for s in seeds)]
+    keys = [key for key in labels if all(key in by_seed[s] for s in seeds)]
+    default = finetune_key(asdict(StudyConfig()), {})
     print(
         "| setting | test: closed per seed | test: own CE vs (a) per seed | test mean closed / "
         "own | val mean closed / own | goal (test mean) | spliced CE - (a)'s (mean) | "
         "open gates | dead |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    chosen, best = "aware_finetune (c)", None
-    for name in names:
-        runs = [by_seed[s][name] for s in seeds]
+    plain = finetune_key(asdict(replace(StudyConfig(), **PLAIN_FINETUNE)), {})
+    chosen, best = labels.get(plain, "the plain fine-tune"), None
+    for key in keys:
+        name = labels[key] + (" (the current default)" if key == default else "")
+        runs = [by_seed[s][key] for s in seeds]
         molts = [m for arm, _ in runs for m in arm["test"]["molts"].values()]
         gates, dead = mean(m["open_gates"] for m in molts), mean(m["dead_fraction"] for m in molts)
         if runs[0][1] is None:
@@ -71,7 +116,7 @@ def main() -> None:
         val_closed = mean(c["validation"]["gap_closed_all"] for _, c in runs)
         val_own = mean(c["validation"]["own_ce_relative_change"] for _, c in runs)
         spliced = mean(
-            arm["test"]["ce_spliced_all"] - by_seed[s]["posthoc (a)"][0]["test"]["ce_spliced_all"]
+            arm["test"]["ce_spliced_all"] - by_seed[s]["posthoc"][0]["test"]["ce_spliced_all"]
             for s, (arm, _) in zip(seeds, runs, strict=True)
         )
         met = mean(closed) >= GOAL_GAP_CLOSED and mean(own) <= GOAL_OWN_CE_INCREASE
@@ -81,9 +126,9 @@ def main() -> None:
             f"{val_closed:+.1%} / {val_own:+.2%} | {'met' if met else 'not met'} | "
             f"{spliced:+.3f} | {gates:.2f} | {dead:.2f} |"
         )
-        is_finetune = name.startswith("(c)") or name == "aware_finetune (c)"
+        is_finetune = key not in ("posthoc", "aware")
         if is_finetune and val_own <= GOAL_OWN_CE_INCREASE and (best is None or val_closed > best):
-            chosen, best = name, val_closed
+            chosen, best = labels[key], val_closed
     print(f"\nseeds {seeds}; default fine-tune by the rule: {chosen}")
 
 

@@ -91,17 +91,19 @@ def main() -> None:
     by_seed, labels = merge(sys.argv[1:])
     seeds = sorted(by_seed)
     keys = [key for key in labels if all(key in by_seed[s] for s in seeds)]
-    default = finetune_key(asdict(StudyConfig()), {})
+    # Compared without the length, which --quick and the full run set differently.
+    default = finetune_key(asdict(StudyConfig()), {})[1:]
     print(
         "| setting | test: closed per seed | test: own CE vs (a) per seed | test mean closed / "
         "own | val mean closed / own | goal (test mean) | spliced CE - (a)'s (mean) | "
         "open gates | dead |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    plain = finetune_key(asdict(replace(StudyConfig(), **PLAIN_FINETUNE)), {})
-    chosen, best = labels.get(plain, "the plain fine-tune"), None
+    plain = finetune_key(asdict(replace(StudyConfig(), **PLAIN_FINETUNE)), {})[1:]
+    chosen = next((labels[k] for k in keys if k[1:] == plain), "the plain fine-tune")
+    best = None
     for key in keys:
-        name = labels[key] + (" (the current default)" if key == default else "")
+        name = labels[key] + (" (the current default)" if key[1:] == default else "")
         runs = [by_seed[s][key] for s in seeds]
         molts = [m for arm, _ in runs for m in arm["test"]["molts"].values()]
         gates, dead = mean(m["open_gates"] for m in molts), mean(m["dead_fraction"] for m in molts)

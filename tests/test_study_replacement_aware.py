@@ -17,6 +17,9 @@ pytest.importorskip(
 from molt_kernels.__main__ import main as cli_main  # noqa: E402
 from molt_kernels.interp.data import iter_texts  # noqa: E402
 from molt_kernels.interp.lm_data import SEP_ID, load_pydoc_corpus, tiled_windows  # noqa: E402
+from molt_kernels.interp.models.gpt import GPT  # noqa: E402
+from molt_kernels.interp.replacement_aware import PhaseIn  # noqa: E402
+from molt_kernels.layers.molt import MOLT  # noqa: E402
 from molt_kernels.tools.studies import replacement_aware as study  # noqa: E402
 
 TINY = replace(
@@ -40,10 +43,14 @@ TINY = replace(
     dead_window_tokens=256,
     dropout=0.1,
     consistency=0.1,
+    finetune_consistency=0.1,
 )
 VARIANTS = {
-    "sampled": {"sample_replacement": True, "finetune_steps": 5, "consistency": 0.0},
-}
+    "blend": {
+        "finetune_sample_replacement": False, "finetune_phase_in_final": 1.0,
+        "finetune_steps": 5, "finetune_consistency": 0.0,
+    },
+}  # fmt: skip
 TEST_KEYS = {
     "ce_own", "ce_spliced_one", "ce_spliced_one_mean", "ce_spliced_all", "gap_one_mean",
     "gap_all", "molts",
@@ -94,8 +101,8 @@ def test_report_schema(report):
         for log in curves["molt"].values():
             assert len(log["fvu"]) == len(log["l0"]) == len(log["dead_fraction"]) > 0
     assert set(report["finetune_variants"]) == set(VARIANTS)
-    variant = report["finetune_variants"]["sampled"]
-    assert variant["overrides"] == VARIANTS["sampled"]
+    variant = report["finetune_variants"]["blend"]
+    assert variant["overrides"] == VARIANTS["blend"]
     assert variant["arm"]["compute"]["lm_steps"] == 35
     assert set(variant["arm"]["test"]) == TEST_KEYS
     assert set(variant["comparison"]) == COMPARISON_KEYS
@@ -116,7 +123,7 @@ def test_report_schema(report):
 def test_table_and_plot(report, tmp_path):
     table = study.summary_table(report)
     assert len(table.splitlines()) == 2 + len(study.ARMS) + len(VARIANTS)
-    assert "aware_finetune sampled" in table
+    assert "aware_finetune blend" in table
     study.plot(report, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -131,12 +138,14 @@ def test_cli_dispatch_and_settings(capsys):
     assert study._setting("molt_k=3") == ("molt_k", 3)
     assert study._setting("lr=1e-3") == ("lr", 1e-3)
     assert study._setting("sample_replacement=1") == ("sample_replacement", True)
-    assert study._variant("low:finetune_lr=3e-4,phase_in_final=0.5") == (
+    assert study._variant("low:finetune_lr=3e-4,finetune_phase_in_final=0.5") == (
         "low",
-        {"finetune_lr": 3e-4, "phase_in_final": 0.5},
+        {"finetune_lr": 3e-4, "finetune_phase_in_final": 0.5},
     )
     with pytest.raises(Exception, match="fine-tune variant sets only"):
         study._variant("bad:steps=10")
+    with pytest.raises(Exception, match="fine-tune variant sets only"):
+        study._variant("bad:phase_in_final=0.5")  # (b)'s schedule, not the fine-tune's
     with pytest.raises(ValueError, match="may set only"):
         study.run_study(TINY, False, 1, {"bad": {"seed": 1}})
     with pytest.raises(Exception, match="FIELD=VALUE"):
@@ -170,7 +179,6 @@ def test_corpus_layout_and_tiled_windows_cover_each_token_once():
     assert (targets == corpus.heldout[1 : 1 + targets.numel()]).all()
 
 
-
 def test_consistency_term_reaches_the_training_loss(monkeypatch):
     """Every replacement-aware LM step adds the consistency term to its loss (the study's loop
     once left it out, so a consistency variant repeated the plain fine-tune)."""
@@ -187,3 +195,26 @@ def test_consistency_term_reaches_the_training_loss(monkeypatch):
     cfg = replace(TINY, steps=4, finetune_steps=2, log_every=2, eval_every=4)
     study.run_study(cfg, False, 1, {})  # every arm in this process
     assert len(calls) == cfg.steps + cfg.finetune_steps  # arm (b), then the fine-tune (c)
+
+
+def test_aware_and_finetune_arms_read_their_own_schedule_fields():
+    """(b) runs on the unprefixed schedule fields and the fine-tune (c) on the ``finetune_``
+    ones, so changing the default fine-tune leaves (b) as it was."""
+    cfg = replace(
+        TINY,
+        phase_in_start=0.2, phase_in_ramp=0.4, phase_in_final=1.0, sample_replacement=False,
+        consistency=0.3, finetune_phase_in_start=0.1, finetune_phase_in_ramp=0.5,
+        finetune_phase_in_final=0.5, finetune_sample_replacement=True, finetune_consistency=0.0,
+    )  # fmt: skip
+    model = GPT(cfg.gpt(vocab_size=50))
+    molts = {path: MOLT(cfg.molt()) for path in cfg.mlp_paths}
+    aware = study._trainer(cfg, model, molts, 10, cfg.molt_train(10), finetune=False)
+    assert aware.schedule == PhaseIn(2, 4, 1.0)
+    assert (aware.sample, aware.consistency) == (False, 0.3)
+    finetune = study._trainer(cfg, model, molts, 10, cfg.molt_train(10), finetune=True)
+    assert finetune.schedule == PhaseIn(1, 5, 0.5)
+    assert (finetune.sample, finetune.consistency) == (True, 0.0)
+    assert study.FINETUNE_FIELDS == {
+        "finetune_steps", "finetune_lr", "finetune_phase_in_start", "finetune_phase_in_ramp",
+        "finetune_phase_in_final", "finetune_sample_replacement", "finetune_consistency",
+    }  # fmt: skip

@@ -411,7 +411,7 @@ def test_gpu_report_builds_cover_every_kernel() -> None:
     builds = lowrank_builds.gpu_report_builds()
     names = {b.name for b in builds}
     assert names == {"lowrank_shrink", "lowrank_expand", "lowrank_xty", "lowrank_xty_plan",
-                     "lowrank_xty_reduce"}
+                     "lowrank_xty_reduce", "lowrank_fixed_prologue", "lowrank_fixed_finish"}
     for build in builds:
         assert list(build.signature) == build.fn.arg_names
 

@@ -177,8 +177,7 @@ def _backward_scattered(
     n_t = W.shape[0]
     dense = torch.zeros(n, n_t, dtype=dpre.dtype, device=x.device)
     dense.scatter_(1, indices, dpre.view(n, k))
-    operands = _gemm_operand_dtype(x)
-    dense_in = dense if operands == dense.dtype else dense.to(operands)
+    dense_in = dense.to(_gemm_operand_dtype(x))
     magnitude = dense_in.abs()  # shared by both products' NaN containment
     dx = dlog = None
     if need_dx:
@@ -216,8 +215,7 @@ def _live_matmul(a: Tensor, a_abs: Tensor, b: Tensor, out_dtype: torch.dtype) ->
 def _matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     """a [M, K] @ b [K, N] with b cast to a's dtype, accumulated and returned in ``out_dtype``
     (half a on CUDA: the tensor cores' fp32 accumulator, ``torch.mm(out_dtype=)``)."""
-    if b.dtype != a.dtype:  # a no-op cast still costs an op in the step's count
-        b = b.to(a.dtype)
+    b = b.to(a.dtype)
     return a @ b if a.dtype == out_dtype else torch.mm(a, b, out_dtype=out_dtype)
 
 

@@ -227,6 +227,12 @@ def _fixed_combine(
     return FixedCombine(norms, row_stat, acc)
 
 
+def _bound_args(fixed: FixedCombine | None, placeholder: Tensor) -> tuple[Tensor, Tensor]:
+    """The shrink's (norms, row_stat) arguments: the fixed combine's, else a placeholder the
+    shrink never reads (BOUND off)."""
+    return (fixed.norms, fixed.row_stat) if fixed is not None else (placeholder, placeholder)
+
+
 def _expand(
     h: Tensor, weights: Sequence[Tensor], out: Tensor, bias: Tensor | None, gates: Tensor | None,
     table: BlockTable, binfo: Tensor, cfg_launch, cfg: MixtureConfig, n_slots: int,
@@ -246,11 +252,11 @@ def _expand(
     n_tokens, width = out.shape
     acc_dtype = accumulator_dtype(out.dtype)
     scratch = acc_dtype != out.dtype
-    row_stat = fixed.row_stat if fixed is not None else out
     if fixed is not None:
-        acc = fixed.acc
+        acc, row_stat = fixed.acc, fixed.row_stat
     else:
         acc = _empty((n_tokens, width), acc_dtype, out.device) if scratch else out
+        row_stat = out  # never read
         if layout.combine == "atomic":
             if bias is None:
                 acc.zero_()
@@ -265,7 +271,7 @@ def _expand(
         width, n_tokens, layout.range_tokens, n_slots, acc.stride(0), out.stride(0),
         GATED=gates is not None, HAS_BIAS=bias is not None, SCRATCH=scratch,
         COMBINE=layout.combine, **common)
-    if layout.combine == "fixed":
+    if fixed is not None:
         tiles = cfg.fixed_finish.tiles
         grid = (triton.cdiv(n_tokens, tiles["BLOCK_T"]), triton.cdiv(width, tiles["BLOCK_N"]))
         run(_fixed_finish_kernel, grid, cfg.fixed_finish, acc, row_stat,
@@ -354,7 +360,7 @@ def forward(
     run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_fwd,
         x, *_weight_args(V), h_pre, h_pre, gates, gates, table.block_order, table.block_t,
         table.block_h, table.pair_of_row, binfo, table.blocks_used,
-        *(fixed[:2] if fixed is not None else (gates, gates)), x.shape[1], n_slots,
+        *_bound_args(fixed, gates), x.shape[1], n_slots,
         layout.n_blocks, layout.h_size, x.stride(0), n_tokens, BACKWARD=False,
         BOUND=fixed is not None, **common)
     y = _empty((n_tokens, U[0].shape[1]), x.dtype, x.device)
@@ -477,7 +483,7 @@ def backward(
         run(_shrink_kernel, (layout.n_blocks + 1,), cfg.shrink_bwd,
             grad_y, *_weight_args(U), h_pre, dh, gates, dgates, table.block_order, table.block_t,
             table.block_h, table.pair_of_row, binfo, table.blocks_used,
-            *(fixed[:2] if fixed is not None else (gates, gates)), grad_y.shape[1], n_slots,
+            *_bound_args(fixed, gates), grad_y.shape[1], n_slots,
             layout.n_blocks, layout.h_size, grad_y.stride(0), n_tokens, BACKWARD=True,
             BOUND=fixed is not None, **common)
         if need_x:

@@ -134,6 +134,15 @@ void for_each_unit(int64_t n_units, MakeBuffers make_buffers, Unit unit) {
   });
 }
 
+// The threads one parallel region of this library runs on, at torch's intra-op thread count: the
+// guard for the OpenMP build (compiled without it, at::parallel_for is a serial loop).
+int64_t parallel_region_threads() {
+  std::atomic<int64_t> threads{0};
+  for_each_unit(at::get_num_threads(), [&] { return threads.fetch_add(1); },
+                [](int64_t, int64_t) {});
+  return threads.load();
+}
+
 // The transforms' weights as flat per-transform pointers, and the routing as host arrays.
 template <typename scalar_t>
 struct Problem {
@@ -488,6 +497,7 @@ TORCH_LIBRARY_FRAGMENT(molt_kernels, m) {
       "lowrank_mixture_cpu_backward(Tensor grad_y, Tensor x, Tensor gates, Tensor row_pair, "
       "Tensor t_offsets, Tensor[] U, Tensor[] V, Tensor h_pre, bool need_x, bool need_gates, "
       "bool need_U, bool need_V) -> (Tensor, Tensor, Tensor[], Tensor[])");
+  m.def("parallel_region_threads() -> int", &parallel_region_threads);
 }
 
 TORCH_LIBRARY_IMPL(molt_kernels, CPU, m) {

@@ -192,3 +192,19 @@ def test_torch_backend_compiles_with_fullgraph(decode_impl, dtype):
     compiled = step(torch.compile(layer, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # same kernels: exact
+
+
+def test_extension_phases_run_on_every_thread():
+    # at::parallel_for is serial in a file built without OpenMP: a build without -fopenmp would
+    # pass every correctness test and run each phase on one thread.
+    if cpu.load_extension() is None:
+        pytest.skip("CPU extension unavailable")
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch built without OpenMP")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.ops.molt_kernels.parallel_region_threads() == n
+    finally:
+        torch.set_num_threads(threads)

@@ -57,7 +57,7 @@ def load_extension() -> ModuleType | None:
     if reason is not None:
         log.info("CPU decode extension unavailable, using the PyTorch decode: %s", reason)
         return None
-    if not build(EXTENSION_NAME, SOURCES, log, "the PyTorch decode", extra_cflags=["-O3"]):
+    if not build(EXTENSION_NAME, SOURCES, log, "the PyTorch decode", **_build_flags()):
         return None
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu")(_forward_fake)
     torch.library.register_fake("molt_kernels::lowrank_mixture_cpu_backward")(_backward_fake)
@@ -66,6 +66,16 @@ def load_extension() -> ModuleType | None:
     register_flop_formula(ops.lowrank_mixture_cpu)(_forward_flops)
     register_flop_formula(ops.lowrank_mixture_cpu_backward)(_backward_flops)
     return ops
+
+
+def _build_flags() -> dict[str, list[str]]:
+    """Compiler and linker flags. ATen's ``at::parallel_for`` is a header template that runs its
+    body on ONE thread unless the including file is compiled with OpenMP (``_OPENMP``), so the
+    extension must be built with it whenever torch was: without it every "parallel" phase is
+    serial. The link resolves to the libgomp.so.1 that torch has already loaded (same soname), so
+    the process keeps one OpenMP thread pool."""
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    return {"extra_cflags": ["-O3", *openmp], "extra_ldflags": openmp}
 
 
 @torch.compiler.assume_constant_result

@@ -146,9 +146,9 @@ def modeled_seconds(case: BenchCase, mode: str, gpu: str) -> float:
 def dense_matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
     """FLOP/s of a square matmul in ``dtype``: the machine's dense reference rate.
 
-    Warmed up for MATMUL_WARMUP_S first: on an idle CPU the first second or so of matmuls ran at about half
-    the rate of the following ones (measured 91 -> 195 GFLOP/s on the 2-core EPYC), and a rate
-    taken cold would flatter every "of mm" fraction.
+    Warmed up for MATMUL_WARMUP_S first: on an idle CPU the first second or so of matmuls ran
+    at about half the rate of the following ones (measured 91 -> 195 GFLOP/s on the 2-core
+    EPYC), and a rate taken cold would flatter every "of mm" fraction.
     """
     n = MATMUL_SIZE["cuda" if device.type == "cuda" else "cpu"]
     a = torch.randn(n, n, device=device).to(dtype)

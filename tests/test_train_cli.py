@@ -191,7 +191,9 @@ def test_tiny_transformers_model_through_the_same_hookpoints(tmp_path):
     assert int(hf_prepare(tokenizer, drop_special_tokens=False)(texts)[1].sum()) == n_words + 3
     x, y = forward_hookpoints(model, ["layers.1.mlp"], prepare, texts)["layers.1.mlp"]
     assert x.shape == (n_words, 32)
-    torch.testing.assert_close(y, model.layers[1].mlp(x), rtol=0, atol=0)
+    # Not bitwise: the hook saw the padded [batch, seq] rows, the check runs on the kept rows,
+    # and MKL's sgemm may sum in another order for another row count (seen on an AMD EPYC).
+    torch.testing.assert_close(y, model.layers[1].mlp(x), rtol=1e-5, atol=1e-6)
 
     out = tmp_path / "run"
     argv = [

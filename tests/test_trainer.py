@@ -165,7 +165,9 @@ def test_hookpoints_record_every_path_and_skip_the_blocks_after_the_last():
     assert torch.equal(x0, model.embed.weight[codes])
     for path in ("blocks.0.mlp", "blocks.1.mlp"):
         x, y = pairs[path]
-        torch.testing.assert_close(y, model.get_submodule(path)(x), rtol=0, atol=0)
+        # Not bitwise: the hook saw the padded [batch, seq] rows, the check runs on the kept rows,
+        # and MKL's sgemm may sum in another order for another row count (seen on an AMD EPYC).
+        torch.testing.assert_close(y, model.get_submodule(path)(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="distinct"):
         Hookpoints(model, ["blocks.0.mlp", "blocks.0.mlp"])
     with pytest.raises(AttributeError, match="blocks.7"):
